@@ -1,0 +1,37 @@
+# Two commands: `make lab` (install, then JupyterLab on the notebooks) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sdkit-installed
+ARGS ?=
+
+# PyTorch: the CPU build by default. On a machine whose pip finds a local CPU wheel of
+# TORCH_VERSION (as this project's build machines do) that wheel is used; elsewhere pip
+# asks PyTorch's CPU wheel index. ROCm: make lab TORCH_INDEX=https://download.pytorch.org/whl/rocm6.4
+TORCH_VERSION ?= 2.13.0
+TORCH_LOCAL := $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl)
+ifeq ($(strip $(TORCH_LOCAL)),)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+endif
+TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+.PHONY: lab test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -r requirements.txt -e .
+	@touch $@
+
+lab: $(STAMP)
+	@echo "Starting JupyterLab on notebooks/ (the URL with its token is printed below)."
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ARGS)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+
+clean-venv:
+	rm -rf $(VENV)

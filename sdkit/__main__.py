@@ -1,0 +1,140 @@
+"""CLI: python -m sdkit {device,models,info,generate,params}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sdkit.errors import SdkitError
+
+
+def _device(args: argparse.Namespace) -> None:
+    from sdkit.device import report
+
+    print(json.dumps(report().to_dict(), indent=2) if args.json else report())
+
+
+def _models(args: argparse.Namespace) -> None:
+    from sdkit.paths import ModelPaths
+
+    registry = ModelPaths.from_root(args.root)
+    found = registry.all()
+    if args.json:
+        print(json.dumps({"roots": [str(r) for r in registry.roots], "models": found}, indent=2))
+        return
+    print("roots: " + ", ".join(str(r) for r in registry.roots))
+    for kind, names in found.items():
+        print(f"{kind}: " + (", ".join(names) if names else "(none)"))
+
+
+def _info(args: argparse.Namespace) -> None:
+    from sdkit.formats import info
+    from sdkit.paths import ModelPaths
+
+    path = ModelPaths.from_root(args.root).find(args.kind, args.file)
+    result = info(path)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for key, value in result.items():
+        print(f"{key:<12} {', '.join(value) if isinstance(value, list) else value}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from sdkit.checkpoints import load
+    from sdkit.generate import GenerationSettings, generate
+    from sdkit.metadata import save_image
+
+    pipe = load(args.model, root=args.root)
+    settings = GenerationSettings(
+        prompt=args.prompt,
+        negative_prompt=args.negative,
+        seed=args.seed,
+        steps=args.steps,
+        cfg=args.cfg,
+        sampler=args.sampler,
+        width=args.width or pipe.sdkit.width,
+        height=args.height or pipe.sdkit.height,
+        batch_size=args.batch,
+        clip_skip=args.clip_skip,
+        model=pipe.sdkit.name,
+    )
+    for image in generate(pipe, settings, progress=not args.quiet):
+        path = save_image(image, settings=image.sdkit_settings, out_dir=Path(args.out), model_hash=pipe.sdkit.autov2)
+        print(path)
+
+
+def _params(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from sdkit.metadata import read_parameters
+
+    settings = read_parameters(Path(args.png))
+    if args.json:
+        print(json.dumps(asdict(settings), indent=2))
+        return
+    for key, value in asdict(settings).items():
+        print(f"{key:<16} {value}")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m sdkit`."""
+    p = argparse.ArgumentParser(prog="python -m sdkit", description="Make AI images without a discrete GPU.")
+    p.add_argument("--root", help="models root: a ComfyUI or A1111 install or models folder (default: $SDKIT_MODELS or ./models)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("device", help="what this machine has and which precision each component gets")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_device)
+
+    s = sub.add_parser("models", help="list the models in the models folders")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_models)
+
+    s = sub.add_parser("info", help="family, format, dtype, size and hashes of a weight file")
+    s.add_argument("file", help="a path, or a name in the models folder given by --kind")
+    s.add_argument("--kind", default="checkpoints", help="model folder to look the name up in (default: checkpoints)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_info)
+
+    s = sub.add_parser("generate", help="make images and write them as numbered PNGs with their parameters")
+    s.add_argument("--model", required=True, help="checkpoint name in models/checkpoints, or a path")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--negative", default="")
+    s.add_argument("--seed", type=int, default=0, help="-1 picks a random seed")
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--cfg", type=float, default=7.0)
+    s.add_argument("--sampler", default="euler_a")
+    s.add_argument("--width", type=int, default=0, help="default: the model's native size")
+    s.add_argument("--height", type=int, default=0, help="default: the model's native size")
+    s.add_argument("--batch", type=int, default=1, help="N images with seeds seed, seed+1, ...")
+    s.add_argument("--clip-skip", type=int, default=1)
+    s.add_argument("--out", default="outputs")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=_generate)
+
+    s = sub.add_parser("params", help="print the generation settings stored in a PNG")
+    s.add_argument("png")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_params)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; bad input prints one clear error and exits 2, with no traceback."""
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except SdkitError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cancelled", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

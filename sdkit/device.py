@@ -1,0 +1,203 @@
+"""Hardware: CPU ISA, cores, RAM; CUDA, ROCm, XPU, MPS; device and dtype per component, with reasons."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import psutil
+import torch
+
+COMPONENTS = ("unet", "text_encoder", "vae")
+ISA_FLAGS = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX512", "avx2": "AVX2"}
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where and in which precision one component runs, and why."""
+
+    device: str
+    dtype: str
+    reason: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype object for `dtype`."""
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class DeviceReport:
+    """What this machine has, and what sdkit picks for each model component."""
+
+    cpu: str
+    cores: int
+    threads: int
+    ram_gib: float
+    isa: list[str]
+    accelerator: str
+    accelerator_name: str
+    torch_version: str
+    choices: dict[str, Choice] = field(default_factory=dict)
+
+    @property
+    def cpu_has_bf16(self) -> bool:
+        """True when the CPU has native bf16 units (AMX or AVX512-BF16)."""
+        return "AMX-BF16" in self.isa or "AVX512-BF16" in self.isa
+
+    def to_dict(self) -> dict:
+        """Plain data for JSON."""
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = [
+            f"CPU          {self.cpu}",
+            f"cores        {self.cores} physical, {self.threads} logical; torch uses {torch.get_num_threads()} threads",
+            f"RAM          {self.ram_gib:.1f} GiB",
+            f"ISA          {', '.join(self.isa) or 'none of AMX/AVX512/AVX2'}",
+            f"accelerator  {self.accelerator}" + (f" ({self.accelerator_name})" if self.accelerator_name else ""),
+            f"torch        {self.torch_version}",
+        ]
+        for name, choice in self.choices.items():
+            lines.append(f"{name:<12} {choice.device} {choice.dtype}: {choice.reason}")
+        return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    """The CPU's marketing name, from the OS."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if platform.system() == "Darwin":
+        try:
+            return subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, check=True, timeout=5
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine()
+
+
+def _isa() -> list[str]:
+    """The matmul-relevant ISA extensions of this CPU, best first."""
+    flags: set[str] = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    else:  # not Linux: ask torch, which probes CPUID itself
+        if torch.cpu._is_amx_tile_supported():
+            flags.add("amx_bf16")
+        if torch.cpu._is_avx512_bf16_supported():
+            flags.add("avx512_bf16")
+        capability = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" in capability:
+            flags.update({"avx512f", "avx2"})
+        elif "AVX2" in capability:
+            flags.add("avx2")
+    return [label for flag, label in ISA_FLAGS.items() if flag in flags]
+
+
+def _accelerator() -> tuple[str, str]:
+    """The first usable accelerator: ('cuda'|'rocm'|'xpu'|'mps'|'none', its name)."""
+    if torch.cuda.is_available():
+        kind = "rocm" if torch.version.hip else "cuda"
+        return kind, torch.cuda.get_device_name(0)
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu", torch.xpu.get_device_name(0)
+    if torch.backends.mps.is_available():
+        return "mps", "Apple GPU"
+    return "none", ""
+
+
+def choose(report: DeviceReport) -> dict[str, Choice]:
+    """Pick device and dtype for each component, with a reason a learner can read."""
+    forced = os.environ.get("SDKIT_DTYPE")
+    if report.accelerator in ("cuda", "rocm", "xpu"):
+        device = "cuda" if report.accelerator in ("cuda", "rocm") else "xpu"
+        bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else True
+        dtype = "bfloat16" if bf16 else "float16"
+        why = f"{report.accelerator} GPU: half precision halves memory and uses its tensor units"
+        choices = {c: Choice(device, dtype, why) for c in ("unet", "text_encoder")}
+        choices["vae"] = Choice(device, "float32", "VAE stays fp32: the SDXL VAE overflows to NaN in fp16")
+    elif report.accelerator == "mps":
+        why = "Apple GPU: fp16 is its fast path"
+        choices = {c: Choice("mps", "float16", why) for c in ("unet", "text_encoder")}
+        choices["vae"] = Choice("mps", "float32", "VAE stays fp32: the SDXL VAE overflows to NaN in fp16")
+    elif report.cpu_has_bf16:
+        units = "AMX" if "AMX-BF16" in report.isa else "AVX512-BF16"
+        why = f"bf16: this CPU has {units} units, so bf16 matmuls run several times faster than fp32"
+        choices = {c: Choice("cpu", "bfloat16", why) for c in ("unet", "text_encoder")}
+        choices["vae"] = Choice("cpu", "float32", "VAE stays fp32 to keep colours exact and avoid NaN")
+    else:
+        why = "fp32: this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 would be emulated and slower"
+        choices = {c: Choice("cpu", "float32", why) for c in COMPONENTS}
+    if forced:
+        choices = {c: Choice(ch.device, forced, f"{forced}: set by SDKIT_DTYPE") for c, ch in choices.items()}
+    return choices
+
+
+@lru_cache(maxsize=1)
+def report() -> DeviceReport:
+    """Detect this machine once and return what it has and what sdkit picks."""
+    accelerator, name = _accelerator()
+    result = DeviceReport(
+        cpu=_cpu_name(),
+        cores=psutil.cpu_count(logical=False) or os.cpu_count() or 1,
+        threads=os.cpu_count() or 1,
+        ram_gib=psutil.virtual_memory().total / 2**30,
+        isa=_isa(),
+        accelerator=accelerator,
+        accelerator_name=name,
+        torch_version=torch.__version__,
+    )
+    result.choices = choose(result)
+    return result
+
+
+def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
+    """Measured GFLOP/s of a size x size matmul in `dtype` on the CPU (best of `repeats`)."""
+    import time
+
+    a = torch.randn(size, size, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, dtype=getattr(torch, dtype))
+    a @ b  # warm-up: first call allocates and picks kernels
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "gguf_q4": 0.5625}
+
+# Parameter counts (millions) of the parts of well-known model families, from their published weights.
+KNOWN_MODELS: dict[str, dict[str, float]] = {
+    "SD1.5": {"unet": 859.5, "text_encoder": 123.1, "vae": 83.7},
+    "SDXL": {"unet": 2567.5, "text_encoder": 123.1 + 694.7, "vae": 83.7},
+    "FLUX.1": {"transformer": 11901.4, "text_encoder": 123.1 + 4762.3, "vae": 83.8},
+}
+
+
+def memory_table(*, dtypes: tuple[str, ...] = ("float32", "bfloat16", "fp8", "gguf_q4")) -> list[dict[str, object]]:
+    """GiB the weights of each known model need in each dtype (the VAE kept fp32), and whether they fit in RAM."""
+    ram = report().ram_gib
+    rows = []
+    for model, parts in KNOWN_MODELS.items():
+        row: dict[str, object] = {"model": model, "parameters (B)": round(sum(parts.values()) / 1000, 2)}
+        for dtype in dtypes:
+            gib = sum(
+                n * 1e6 * (4.0 if part == "vae" else BYTES_PER_PARAMETER[dtype]) for part, n in parts.items()
+            ) / 2**30
+            row[dtype] = f"{gib:.1f} GiB" + ("" if gib < 0.8 * ram else " (too big here)")
+        rows.append(row)
+    return rows

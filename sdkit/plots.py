@@ -1,0 +1,57 @@
+"""Pictures for the notebooks: image grids, bar charts, sweeps (matplotlib)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+from PIL import Image
+
+
+def bars(values: dict[str, float], *, title: str, unit: str) -> Figure:
+    """A horizontal bar chart of named measurements, each labelled with its value."""
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(values)))
+    names = list(values)
+    ax.barh(names, [values[n] for n in names], color="tab:blue")
+    for i, name in enumerate(names):
+        ax.text(values[name], i, f" {values[name]:.0f} {unit}", va="center")
+    ax.set_xlabel(unit)
+    ax.set_title(title)
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(values.values()) * 1.3)
+    fig.tight_layout()
+    return fig
+
+
+def grid(images: Sequence[Image.Image], *, labels: Sequence[str] = (), cols: int = 4, title: str = "",
+         size: float = 1.6) -> Figure:
+    """Images in a grid, each with an optional label underneath."""
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.3)), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(images):
+            ax.imshow(images[i], interpolation="nearest")
+            if i < len(labels):
+                ax.set_title(labels[i], fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def sweep(xs: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str, ylabel: str,
+          title: str = "") -> Figure:
+    """Lines of measured values against one swept setting."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
