@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 from sdkit.errors import SdkitError
@@ -53,3 +54,147 @@ class GenerationSettings:
             raise SdkitError(f"clip_skip={self.clip_skip} is not usable: 1 means the last layer.", fix="use clip_skip=1")
         if self.scheduler not in ("normal", "karras"):
             raise SdkitError(f"scheduler={self.scheduler!r} is unknown; known: normal, karras.", fix="use scheduler='normal'")
+
+
+# sdkit name -> (diffusers scheduler class, its settings). k-diffusion samplers use "linspace" spacing as A1111's
+# Automatic schedule does; DDIM and LCM use "leading" with steps_offset=1 as A1111 and diffusers' SD do.
+SAMPLERS: dict[str, tuple[str, dict]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp_3m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {"timestep_spacing": "leading", "steps_offset": 1, "set_alpha_to_one": False,
+                               "clip_sample": False}),
+    "lcm": ("LCMScheduler", {"timestep_spacing": "leading", "steps_offset": 1}),
+}
+NOISE_SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+                  "rescale_betas_zero_snr")
+KARRAS_CAPABLE = ("euler", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
+                  "dpmpp_sde", "unipc")
+
+
+class Cancelled(SdkitError):
+    """Generation was stopped by the cancel hook between two steps."""
+
+
+def sampler_names() -> list[str]:
+    """Every sampler name generate() accepts, including the `_karras` spellings."""
+    return list(SAMPLERS) + [f"{name}_karras" for name in KARRAS_CAPABLE]
+
+
+def check_sampler(settings: GenerationSettings) -> None:
+    """Raise a clear error for a sampler or schedule that does not exist."""
+    if settings.sampler not in SAMPLERS:
+        raise SdkitError(f"Unknown sampler {settings.sampler!r}; known: {', '.join(sampler_names())}.",
+                         fix="use one of those, e.g. sampler='euler_a'")
+    if settings.scheduler == "karras" and settings.sampler not in KARRAS_CAPABLE:
+        raise SdkitError(f"The {settings.sampler} sampler has no Karras schedule; it works with: "
+                         f"{', '.join(KARRAS_CAPABLE)}.", fix="use scheduler='normal'")
+
+
+def make_scheduler(base_config: dict, settings: GenerationSettings):
+    """The diffusers scheduler for the settings' sampler and schedule, on the model's noise schedule."""
+    import diffusers
+
+    cls, extra = SAMPLERS[settings.sampler]
+    config = {k: v for k, v in base_config.items() if k in NOISE_SCHEDULE}
+    config |= {"timestep_spacing": "linspace"} | extra
+    if settings.scheduler == "karras":
+        config["use_karras_sigmas"] = True
+    return getattr(diffusers, cls).from_config(config)
+
+
+def _encode(pipe, prompt: str, *, clip_skip: int):
+    """CLIP text embeddings with A1111's clip skip (1 = last layer), for single-encoder pipelines."""
+    import torch
+
+    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(encoder.device)
+    with torch.inference_mode():
+        out = encoder(ids, output_hidden_states=clip_skip > 1)
+        if clip_skip == 1:
+            return out.last_hidden_state
+        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
+        return final_norm(out.hidden_states[-clip_skip])
+
+
+def _resolve_seed(seed: int) -> int:
+    """A1111's -1 means a random seed; anything else is used as given."""
+    import random
+
+    return random.randrange(2**32) if seed == -1 else seed
+
+
+def decode(pipe, latents):
+    """Latents -> PIL images through the pipeline's VAE (at its own dtype), refusing NaN output."""
+    import torch
+
+    vae = pipe.vae
+    with torch.inference_mode():
+        pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+    if torch.isnan(pixels).any() or torch.isinf(pixels).any():
+        raise SdkitError(
+            f"The VAE produced NaN/inf pixels (VAE dtype {str(vae.dtype).removeprefix('torch.')}): the image is black.",
+            fix="decode with an fp32 VAE: run with SDKIT_DTYPE=float32, or load a fixed VAE (e.g. the fp16-fix VAE for SDXL)",
+        )
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
+
+
+def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cancel=None) -> list:
+    """Make `settings.batch_size` images (seeds seed, seed+1, ...); each carries its settings as `.sdkit_settings`.
+
+    `cancel` is a callable (or threading.Event) checked between steps; when it is set, `Cancelled` is raised.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    # 1. Check the inputs before any work.
+    settings.check()
+    check_sampler(settings)
+    is_set = (cancel.is_set if hasattr(cancel, "is_set") else cancel) or (lambda: False)
+    seed = _resolve_seed(settings.seed)
+    pipe.scheduler = make_scheduler(dict(pipe.scheduler.config), settings)
+    warnings.filterwarnings("ignore", module="torchsde")  # its float-rounding notes about Brownian intervals
+    xl = hasattr(pipe, "text_encoder_2")
+    # 2. Encode the prompts once for the whole batch.
+    if xl:
+        prompt_args = {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
+                       "clip_skip": settings.clip_skip - 1 or None}
+    else:
+        prompt_args = {"prompt_embeds": _encode(pipe, settings.prompt, clip_skip=settings.clip_skip),
+                       "negative_prompt_embeds": _encode(pipe, settings.negative_prompt, clip_skip=settings.clip_skip)}
+    images = []
+    for index in range(settings.batch_size):
+        image_seed = seed + index
+        bar = tqdm(total=settings.steps, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
+                   disable=not progress, leave=False)
+
+        def on_step(_pipe, step, _t, tensors):
+            bar.n = min(settings.steps, round((step + 1) * settings.steps / len(_pipe.scheduler.timesteps)))
+            bar.refresh()
+            if is_set():
+                raise Cancelled(f"Generation cancelled after step {bar.n} of {settings.steps}.", fix="run it again")
+            return tensors
+
+        # 3. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.
+        generator = torch.Generator("cpu").manual_seed(image_seed)
+        try:
+            with torch.inference_mode():
+                latents = pipe(**prompt_args, num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+                               width=settings.width, height=settings.height, generator=generator,
+                               output_type="latent", callback_on_step_end=on_step).images
+        finally:
+            bar.close()
+        # 4. Decode with the VAE, and label the image with exactly what made it.
+        image = decode(pipe, latents)[0]
+        image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1)
+        images.append(image)
+    return images

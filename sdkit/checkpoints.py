@@ -1,0 +1,259 @@
+"""Single-file checkpoint -> diffusers pipeline, offline, with the configs shipped in sdkit/configs/."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdkit import device, formats
+from sdkit.errors import SdkitError
+from sdkit.paths import ModelPaths
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+TOKENIZERS = CONFIGS / "tokenizers"
+CACHE_SIZE = 2
+_cache: OrderedDict[tuple, object] = OrderedDict()
+
+# Where each family keeps its text encoders in the original layout, and in which naming.
+TEXT_ENCODERS = {
+    "sd1": [("text_encoder", "cond_stage_model.transformer.text_model.", "clip_l")],
+    "shapes": [("text_encoder", "cond_stage_model.transformer.text_model.", "clip_l")],
+    "sd2": [("text_encoder", "cond_stage_model.model.", "open_clip")],
+    "sdxl": [("text_encoder", "conditioner.embedders.0.transformer.text_model.", "clip_l"),
+             ("text_encoder_2", "conditioner.embedders.1.model.", "open_clip")],
+}
+LOADABLE = tuple(f for f in TEXT_ENCODERS if (CONFIGS / f).is_dir())
+HEAD_DIM_64 = ("sd2", "sdxl")  # these families use 64-channel attention heads; SD1 uses 8 heads
+
+
+@dataclass
+class CheckpointInfo:
+    """What sdkit knows about a loaded checkpoint; attached to the pipeline as `pipe.sdkit`."""
+
+    name: str
+    path: Path
+    family: str
+    autov2: str
+    width: int
+    height: int
+    prediction: str
+    dtypes: dict[str, str]
+
+
+def _count(names: list[str], pattern: str) -> int:
+    """How many distinct indices the first group of `pattern` takes among `names`."""
+    return len({m[1] for n in names if (m := re.match(pattern, n))})
+
+
+def _unet_config(specs: dict[str, formats.TensorSpec], family: str) -> dict:
+    """The UNet config values that the tensor shapes decide."""
+    p = "model.diffusion_model."
+    names = [k[len(p):] for k in specs if k.startswith(p)]
+    shape = lambda name: specs[p + name].shape  # noqa: E731
+    downs = sorted(int(m[1]) for n in names if (m := re.fullmatch(r"input_blocks\.(\d+)\.0\.op\.weight", n)))
+    per = downs[0] if downs else _count(names, r"input_blocks\.(\d+)\.") - 1
+    levels = len(downs) + 1
+    first = [per * i + 1 for i in range(levels)]
+    channels = [shape(f"input_blocks.{b}.0.out_layers.3.weight")[0] for b in first]
+    attention = [any(n.startswith(f"input_blocks.{b}.1.") for n in names) for b in first]
+    depth = [max(1, _count(names, rf"input_blocks\.{b}\.1\.transformer_blocks\.(\d+)\.")) for b in first]
+    context = next(shape(n)[1] for n in names if n.endswith("attn2.to_k.weight"))
+    config = {
+        "in_channels": shape("input_blocks.0.0.weight")[1],
+        "out_channels": shape("out.2.weight")[0],
+        "block_out_channels": channels,
+        "layers_per_block": per - 1,
+        "cross_attention_dim": context,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
+        "use_linear_projection": any(len(shape(n)) == 2 for n in names if n.endswith(".proj_in.weight")),
+        "attention_head_dim": [max(1, c // 64) for c in channels] if family in HEAD_DIM_64 else 8,
+    }
+    if family == "sdxl" or max(depth) > 1:
+        config["transformer_layers_per_block"] = depth
+    if "label_emb.0.0.weight" in names:
+        config["projection_class_embeddings_input_dim"] = shape("label_emb.0.0.weight")[1]
+    return config
+
+
+def _vae_config(specs: dict[str, formats.TensorSpec]) -> dict:
+    """The VAE config values that the tensor shapes decide."""
+    p = "first_stage_model."
+    names = [k[len(p):] for k in specs if k.startswith(p)]
+    levels = _count(names, r"encoder\.down\.(\d+)\.")
+    return {
+        "in_channels": specs[p + "encoder.conv_in.weight"].shape[1],
+        "out_channels": specs[p + "decoder.conv_out.weight"].shape[0],
+        "latent_channels": specs[p + "post_quant_conv.weight"].shape[0],
+        "block_out_channels": [specs[p + f"encoder.down.{i}.block.0.conv1.weight"].shape[0] for i in range(levels)],
+        "layers_per_block": _count(names, r"encoder\.down\.0\.block\.(\d+)\."),
+        "down_block_types": ["DownEncoderBlock2D"] * levels,
+        "up_block_types": ["UpDecoderBlock2D"] * levels,
+    }
+
+
+def _text_config(specs: dict[str, formats.TensorSpec], *, prefix: str, naming: str, family: str) -> dict:
+    """The text-encoder config values that the tensor shapes decide."""
+    names = [k[len(prefix):] for k in specs if k.startswith(prefix)]
+    if naming == "clip_l":
+        vocab, hidden = specs[prefix + "embeddings.token_embedding.weight"].shape
+        positions = specs[prefix + "embeddings.position_embedding.weight"].shape[0]
+        layers = _count(names, r"encoder\.layers\.(\d+)\.")
+        inner = specs[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+        projection = None
+    else:
+        vocab, hidden = specs[prefix + "token_embedding.weight"].shape
+        positions = specs[prefix + "positional_embedding"].shape[0]
+        layers = _count(names, r"transformer\.resblocks\.(\d+)\.")
+        layers -= family == "sd2" and layers == 24  # SD2 uses the penultimate layer; its last one is never run
+        inner = specs[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        projection = specs[prefix + "text_projection"].shape[1] if prefix + "text_projection" in specs else None
+    config = {"vocab_size": vocab, "hidden_size": hidden, "max_position_embeddings": positions,
+              "num_hidden_layers": layers, "intermediate_size": inner, "num_attention_heads": max(1, hidden // 64)}
+    if projection:
+        config["projection_dim"] = projection
+    return config
+
+
+def config_dir(specs: dict[str, formats.TensorSpec], family: str) -> Path:
+    """The shipped config folder of `family`, or a copy adjusted to the shapes found in the file."""
+    base = CONFIGS / family
+    try:
+        overrides = {"unet": _unet_config(specs, family), "vae": _vae_config(specs)}
+        for subfolder, prefix, naming in TEXT_ENCODERS[family]:
+            overrides[subfolder] = _text_config(specs, prefix=prefix, naming=naming, family=family)
+    except (KeyError, StopIteration, IndexError) as error:
+        raise SdkitError(
+            f"This {family} checkpoint lacks tensors every {family} model has (missing: {error}).",
+            fix="the file is damaged or only part of a checkpoint (a LoRA or VAE?); check what it is with `python -m sdkit info`",
+        ) from None
+    if family == "sdxl":  # the UNet's extra input is 6 size/crop embeddings plus the second encoder's pooled output
+        extra = overrides["unet"]["projection_class_embeddings_input_dim"] - overrides["text_encoder_2"]["projection_dim"]
+        overrides["unet"]["addition_time_embed_dim"] = extra // 6
+    changed = {}
+    for subfolder, values in overrides.items():
+        config = json.loads((base / subfolder / "config.json").read_text())
+        if any(config.get(k) != v for k, v in values.items()):
+            changed[subfolder] = config | values
+    if not changed:
+        return base
+    digest = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "sdkit-configs" / f"{family}-{digest}"
+    if not target.exists():
+        staging = Path(tempfile.mkdtemp(prefix=f"{family}-", dir=target.parent if target.parent.exists() else None))
+        shutil.copytree(base, staging, dirs_exist_ok=True)
+        for subfolder, config in changed.items():
+            (staging / subfolder / "config.json").write_text(json.dumps(config, indent=2))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            staging.rename(target)
+        except OSError:  # another process made it first: same content
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _tokenizer(variant: str):
+    """The CLIP tokenizer shipped in sdkit/configs/tokenizers (clip_l pads with <|endoftext|>, open_clip with '!')."""
+    from transformers import CLIPTokenizer
+
+    bpe = TOKENIZERS / "clip_bpe"
+    return CLIPTokenizer.from_pretrained(
+        str(TOKENIZERS / variant), vocab_file=str(bpe / "vocab.json"), merges_file=str(bpe / "merges.txt")
+    )
+
+
+def _check_loaded(model, *, part: str, path: Path) -> None:
+    """Refuse a model some of whose weights were missing from the file."""
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise SdkitError(
+            f"{path}: the {part} is incomplete, {len(missing)} weights are missing (e.g. {', '.join(missing[:3])}).",
+            fix="the file is damaged or only partly a checkpoint; download it again",
+        )
+
+
+def _prediction(family: str, specs: dict, metadata: dict[str, str]) -> str:
+    """epsilon or v_prediction: from the file's metadata or keys, else the family's usual choice."""
+    declared = metadata.get("modelspec.prediction_type", "")
+    if declared:
+        return "v_prediction" if declared.startswith("v") else "epsilon"
+    if "v_pred" in specs:
+        return "v_prediction"
+    return "v_prediction" if family == "sd2" else "epsilon"
+
+
+def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
+    """Convert the file's tensors into diffusers components and assemble the pipeline."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = str(config_dir(specs, family))
+    choices = device.choose(device.report())
+    state = formats.load_state_dict(path)
+    common = {"config": config, "local_files_only": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", torch_dtype=choices["unet"].torch_dtype,
+                                                     **common)
+        vae = AutoencoderKL.from_single_file(state, subfolder="vae", torch_dtype=choices["vae"].torch_dtype, **common)
+        parts = {"unet": unet, "vae": vae}
+        for subfolder, _, naming in TEXT_ENCODERS[family]:
+            cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
+            parts[subfolder] = create_diffusers_clip_model_from_ldm(
+                cls, state, subfolder=subfolder, torch_dtype=choices["text_encoder"].torch_dtype, **common)
+            parts[subfolder.replace("text_encoder", "tokenizer")] = _tokenizer(naming)
+    del state
+    for part, model in parts.items():
+        if isinstance(model, torch.nn.Module):
+            _check_loaded(model, part=part, path=path)
+            where = choices["vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"].device
+            if where != "cpu":
+                model.to(where)
+            model.eval().requires_grad_(False)
+    prediction = _prediction(family, specs, metadata)
+    scheduler = EulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", prediction_type=prediction)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(scheduler=scheduler, **parts)
+    else:
+        pipe = StableDiffusionPipeline(scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, prediction, {k: str(v.dtype).removeprefix("torch.") for k, v in parts.items() if hasattr(v, "dtype")}
+
+
+def load(name_or_path: str | Path, *, root: str | Path | None = None, family: str | None = None):
+    """Load a single-file checkpoint (by name in models/checkpoints or by path) as a diffusers pipeline, offline.
+
+    The same file loaded twice returns the same pipeline object (cached); `pipe.sdkit` says what it is.
+    """
+    path = ModelPaths.from_root(root).find("checkpoints", name_or_path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, family, str(device.choose(device.report())))
+    if key in _cache:
+        _cache.move_to_end(key)
+        return _cache[key]
+    specs, metadata = formats.read_specs(path)
+    family = family or formats.detect_family(specs, metadata)
+    if family not in LOADABLE:
+        raise SdkitError(
+            f"{path.name} is a {family} checkpoint; sdkit loads {', '.join(LOADABLE)} checkpoints so far.",
+            fix="use an SD1.x, SD2.x or SDXL single-file checkpoint",
+        )
+    pipe, prediction, dtypes = _build(path, family=family, specs=specs, metadata=metadata)
+    size = formats.NATIVE_SIZE[family] if family != "sd2" or prediction == "v_prediction" else 512
+    pipe.sdkit = CheckpointInfo(name=path.name, path=path, family=family, autov2=formats.autov2(path), width=size,
+                                height=size, prediction=prediction, dtypes=dtypes)
+    _cache[key] = pipe
+    while len(_cache) > CACHE_SIZE:
+        _cache.popitem(last=False)
+    return pipe

@@ -1,0 +1,268 @@
+"""Safe reading of weight files, family detection from tensor names and shapes, hashes (sha256, AutoV2)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from sdkit.errors import SdkitError
+
+SAFETENSORS = (".safetensors", ".sft")
+PICKLES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_HEADER = 100 * 2**20
+
+# safetensors dtype names -> torch dtype names
+DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+          "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+          "BOOL": "bool"}
+
+# Where each component's tensors live in the original (LDM / A1111 / ComfyUI) single-file layout.
+COMPONENT_PREFIXES = {
+    "unet": ("model.diffusion_model.",),
+    "vae": ("first_stage_model.", "vae."),
+    "text_encoder": ("cond_stage_model.", "conditioner.embedders.0.", "text_encoders.clip_l."),
+    "text_encoder_2": ("conditioner.embedders.1.", "text_encoders.t5xxl."),
+}
+UNET_CONTEXT_KEY = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+CONTEXT_DIM_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl_refiner"}
+NATIVE_SIZE = {"sd1": 512, "sd2": 768, "sdxl": 1024, "sdxl_refiner": 1024, "flux": 1024, "sd3": 1024,
+               "shapes": 64}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's dtype and shape, known without reading its data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def file_format(path: Path) -> str:
+    """'safetensors' or 'pickle', from the extension; anything else is refused."""
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS:
+        return "safetensors"
+    if suffix in PICKLES:
+        return "pickle"
+    raise SdkitError(
+        f"{path.name}: {suffix or 'no extension'} is not a weight-file extension sdkit reads.",
+        fix=f"use a {', '.join(SAFETENSORS + PICKLES)} file",
+    )
+
+
+def _describe_start(data: bytes) -> str:
+    """What the first bytes of a non-model file look like, for an error message."""
+    text = data[:64].decode("utf-8", errors="replace").strip().lower()
+    if text.startswith(("<!doctype", "<html")):
+        return "it is a web page, not a model: the download probably needed a login or failed"
+    if text.startswith("version https://git-lfs"):
+        return "it is a Git LFS pointer, not the model: the file itself was never downloaded"
+    if data[:8].isascii():
+        return f"it starts with text ({data[:24]!r})"
+    return "its first bytes are not a safetensors header"
+
+
+def _head(path: Path, size: int = 64) -> bytes:
+    """The first bytes of a file."""
+    with path.open("rb") as f:
+        return f.read(size)
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Tensor specs and metadata from a safetensors header, checking the file is whole."""
+    size = path.stat().st_size
+    if size == 0:
+        raise SdkitError(f"{path} is empty (0 bytes).", fix="download the file again")
+    with path.open("rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise SdkitError(f"{path} is {size} bytes, too short to be a safetensors file.", fix="download it again")
+        (header_len,) = struct.unpack("<Q", start)
+        if header_len > min(MAX_HEADER, size - 8):
+            raise SdkitError(f"{path} is not a valid safetensors file: {_describe_start(start + f.read(56))}.",
+                             fix="download the file again from its source; check it is the model and not a web page")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+        assert isinstance(header, dict)
+    except (ValueError, AssertionError):
+        raise SdkitError(f"{path} has a damaged safetensors header (not JSON).", fix="download the file again") from None
+    metadata = header.pop("__metadata__", None) or {}
+    specs: dict[str, TensorSpec] = {}
+    end = 0
+    for name, entry in header.items():
+        try:
+            specs[name] = TensorSpec(DTYPES.get(entry["dtype"], entry["dtype"].lower()), tuple(entry["shape"]))
+            end = max(end, entry["data_offsets"][1])
+        except (KeyError, TypeError, IndexError):
+            raise SdkitError(f"{path} has a damaged entry {name!r} in its header.", fix="download it again") from None
+    if 8 + header_len + end > size:
+        raise SdkitError(
+            f"{path} is truncated: its header promises {8 + header_len + end:,} bytes but the file has {size:,}.",
+            fix="the download stopped early; download the file again",
+        )
+    return specs, {str(k): str(v) for k, v in metadata.items()}
+
+
+def load_pickle(path: Path) -> dict:
+    """A .ckpt/.pt/.bin state dict through torch.load(weights_only=True) only; anything more is refused."""
+    import torch
+
+    if path.stat().st_size == 0:
+        raise SdkitError(f"{path} is empty (0 bytes).", fix="download the file again")
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(error) and "zip" not in str(error):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
+            raise SdkitError(
+                f"{path} refused: it needs more than plain tensors to open (it would run Python code from the "
+                f"file, which can do anything to your computer). Detail: {text.splitlines()[0][:200]}",
+                fix="get the .safetensors version of this model, or convert it with a tool you trust",
+            ) from None
+        raise SdkitError(f"{path} is not a PyTorch weight file: {_describe_start(_head(path))}.",
+                         fix="download the file again") from None
+    except Exception as error:  # torch raises many types for damaged or foreign files  # noqa: BLE001
+        start = _head(path)
+        if not start.startswith(b"PK") and not start.startswith(b"\x80"):
+            raise SdkitError(f"{path} is not a PyTorch weight file: {_describe_start(start)}.",
+                             fix="download the file again") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
+        raise SdkitError(f"{path} could not be read as a PyTorch file ({reason}).",
+                         fix="the file is damaged or truncated; download it again") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise SdkitError(f"{path} holds a {type(data).__name__}, not a dict of tensors.", fix="use a state-dict file")
+    return {k: v for k, v in data.items() if hasattr(v, "shape")}
+
+
+def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Tensor specs and metadata of any weight file; safetensors without reading tensor data."""
+    if not path.is_file():
+        raise SdkitError(f"{path} does not exist.", fix="check the path, or run `python -m sdkit models`")
+    if file_format(path) == "safetensors":
+        return read_safetensors_header(path)
+    state = load_pickle(path)
+    return {k: TensorSpec(str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}, {}
+
+
+def load_state_dict(path: Path) -> dict:
+    """All tensors of a weight file, memory-mapped where the format allows (not copied into RAM)."""
+    if file_format(path) == "safetensors":
+        read_safetensors_header(path)  # clear errors for damaged files before the library sees them
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return load_pickle(path)
+
+
+def components(names: list[str]) -> list[str]:
+    """Which model components (unet, vae, text encoders, transformer) a file holds."""
+    found = [c for c, prefixes in COMPONENT_PREFIXES.items() if any(n.startswith(prefixes) for n in names)]
+    if any("double_blocks." in n or "joint_blocks." in n for n in names):
+        found = ["transformer"] + [c for c in found if c != "unet"]
+    elif "unet" not in found and any(n.startswith(("input_blocks.", "down_blocks.")) for n in names):
+        found.insert(0, "unet")
+    return found
+
+
+def detect_family(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> str:
+    """The model family (sd1, sd2, sdxl, sdxl_refiner, flux, sd3, shapes) from tensor names and shapes."""
+    metadata = metadata or {}
+    if metadata.get("modelspec.architecture", "").startswith("sdkit-shapes"):
+        return "shapes"
+    names = list(specs)
+    if any("double_blocks.0.img_attn.qkv.weight" in n for n in names):
+        return "flux"
+    if any("joint_blocks.0.context_block" in n for n in names):
+        return "sd3"
+    if any(n.startswith("conditioner.embedders.1.model.") for n in names):
+        return "sdxl"
+    if any(n.startswith("conditioner.embedders.0.model.") for n in names):
+        return "sdxl_refiner"
+    if any(n.startswith("cond_stage_model.model.") for n in names):
+        return "sd2"
+    if any(n.startswith("cond_stage_model.transformer.") for n in names):
+        return "sd1"
+    for name, spec in specs.items():  # a bare UNet: the cross-attention width says which text encoder it expects
+        if name.endswith(UNET_CONTEXT_KEY) and spec.shape[-1] in CONTEXT_DIM_FAMILY:
+            if any(n.endswith("label_emb.0.0.weight") for n in names) or spec.shape[-1] != 2048:
+                return CONTEXT_DIM_FAMILY[spec.shape[-1]]
+    sample = ", ".join(sorted(names)[:8])
+    raise SdkitError(
+        f"Unknown model family: none of the tensor names sdkit knows for SD1, SD2, SDXL, SD3 or FLUX were seen "
+        f"({len(names)} tensors, e.g. {sample}).",
+        fix="this is not a checkpoint, or a kind sdkit does not load yet; check the model page for what it is",
+    )
+
+
+def _hash_file(path: Path) -> str:
+    """sha256 of a whole file, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(8 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@lru_cache(maxsize=256)
+def _cached_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    return _hash_file(path)
+
+
+def sha256(path: Path) -> str:
+    """sha256 of the file, cached per (path, size, mtime) for this process."""
+    stat = path.stat()
+    return _cached_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+def autov2(path: Path) -> str:
+    """civitai's AutoV2 hash (A1111's "Model hash"): the first 10 hex digits of the file's sha256."""
+    return sha256(path)[:10]
+
+
+def info(path: str | Path, *, hashes: bool = True) -> dict:
+    """What a weight file is: family, format, dtype, parameters, components, sha256, AutoV2 hash."""
+    path = Path(path)
+    specs, metadata = read_specs(path)
+    if not specs:
+        raise SdkitError(f"{path} holds no tensors.", fix="download the file again")
+    by_dtype: Counter[str] = Counter()
+    for spec in specs.values():
+        by_dtype[spec.dtype] += spec.numel
+    family = detect_family(specs, metadata)
+    result = {
+        "file": str(path),
+        "family": family,
+        "format": file_format(path),
+        "dtype": by_dtype.most_common(1)[0][0],
+        "parameters": sum(by_dtype.values()),
+        "components": components(list(specs)),
+        "tensors": len(specs),
+        "size_bytes": path.stat().st_size,
+        "native_size": NATIVE_SIZE.get(family),
+    }
+    if hashes:
+        result["sha256"] = sha256(path)
+        result["autov2"] = result["sha256"][:10]
+    if metadata:
+        result["metadata"] = metadata
+    return result

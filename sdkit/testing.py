@@ -1,0 +1,58 @@
+"""Tiny random SD1 / SD2 / SDXL pipelines in real key layouts: fixtures for tests and for notebooks before real weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from sdkit.checkpoints import CONFIGS, _tokenizer
+from sdkit.convert import save_single_file
+
+VOCAB = 49408  # the shipped CLIP tokenizer's vocabulary
+
+
+def text_config(hidden: int, layers: int, *, act: str, projection: int | None = None) -> CLIPTextConfig:
+    """A tiny CLIP text config following the real families' rule of 64-channel heads."""
+    return CLIPTextConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                          num_attention_heads=max(1, hidden // 64), vocab_size=VOCAB, max_position_embeddings=77,
+                          hidden_act=act, projection_dim=projection or hidden, bos_token_id=0, eos_token_id=2,
+                          pad_token_id=1)
+
+
+def tiny_pipeline(family: str, *, seed: int = 0):
+    """A random tiny pipeline of `family` (sd1, sd2, sdxl) in fp32."""
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    scheduler = EulerDiscreteScheduler.from_pretrained(CONFIGS / family, subfolder="scheduler")
+    if family == "sdxl":
+        te = CLIPTextModel(text_config(32, 2, act="quick_gelu"))
+        te2 = CLIPTextModelWithProjection(text_config(64, 2, act="gelu", projection=64))
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=96, sample_size=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=[1, 1], use_linear_projection=True, transformer_layers_per_block=[1, 2],
+            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 64)
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=_tokenizer("clip_l"),
+                                         tokenizer_2=_tokenizer("open_clip"), unet=unet, scheduler=scheduler)
+    sd2 = family == "sd2"
+    te = CLIPTextModel(text_config(64 if sd2 else 32, 2, act="gelu" if sd2 else "quick_gelu"))
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=64 if sd2 else 32, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=[1, 1] if sd2 else 8, use_linear_projection=sd2)
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=_tokenizer("open_clip" if sd2 else "clip_l"),
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_tiny(family: str, path: Path, *, seed: int = 0):
+    """Write a tiny random checkpoint of `family` to `path`; returns the in-memory pipeline."""
+    pipe = tiny_pipeline(family, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_single_file(pipe, path, family=family)
+    return pipe

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdkit.__main__ import main
+from sdkit.generate import GenerationSettings
+from sdkit.metadata import read_parameters
+
+
+@pytest.fixture
+def root(tiny_files, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(tiny_files["sd1"], tmp_path / "checkpoints" / "tiny.safetensors")
+    return tmp_path
+
+
+ARGS = ["generate", "--model", "tiny", "--prompt", "a blue square, on black", "--negative", "red", "--seed", "5",
+        "--steps", "3", "--cfg", "6.5", "--sampler", "dpmpp_2m_karras", "--width", "32", "--height", "40", "--quiet"]
+
+
+def test_generate_writes_png_whose_parameters_parse_back(root, capsys):
+    out = root / "out"
+    assert main(["--root", str(root), *ARGS, "--out", str(out)]) == 0
+    first = capsys.readouterr().out.split()
+    assert main(["--root", str(root), *ARGS, "--out", str(out)]) == 0
+    second = capsys.readouterr().out.split()
+    assert [p.rsplit("/", 1)[1] for p in first + second] == ["00000-5.png", "00001-5.png"]
+    expected = GenerationSettings(prompt="a blue square, on black", negative_prompt="red", seed=5, steps=3, cfg=6.5,
+                                  sampler="dpmpp_2m", scheduler="karras", width=32, height=40, model="tiny.safetensors")
+    assert read_parameters(first[0]) == expected
+    a, b = (np.asarray(Image.open(p)) for p in (first[0], second[0]))
+    assert a.shape == (40, 32, 3) and np.array_equal(a, b)
+
+
+def test_batch_writes_one_file_per_seed(root, capsys):
+    assert main(["--root", str(root), *ARGS, "--batch", "2", "--out", str(root / "b")]) == 0
+    paths = capsys.readouterr().out.split()
+    assert [read_parameters(p).seed for p in paths] == [5, 6]
+
+
+def test_params_prints_settings(root, capsys):
+    main(["--root", str(root), *ARGS, "--out", str(root / "p")])
+    path = capsys.readouterr().out.split()[0]
+    assert main(["params", path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sampler"] == "dpmpp_2m" and data["height"] == 40
+
+
+def test_models_lists_the_root(root, capsys):
+    assert main(["--root", str(root), "models", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["models"]["checkpoints"][0] == "tiny.safetensors"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "nope", "--prompt", "x"], "No checkpoints model named 'nope'"),
+    ([*ARGS[:-1], "--width", "33"], "width=33"),
+    ([*ARGS, "--steps", "0"], "steps=0"),
+    ([*ARGS, "--sampler", "fast"], "Unknown sampler 'fast'"),
+])
+def test_bad_input_is_one_clear_error(root, capsys, argv, message):
+    out = root / "untouched"
+    assert main(["--root", str(root), *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_cli_process_has_no_traceback(tmp_path):
+    bad = tmp_path / "notes.safetensors"
+    bad.write_text("not a model")
+    result = subprocess.run([sys.executable, "-m", "sdkit", "info", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "starts with text" in result.stderr and "Traceback" not in result.stderr
+    assert bad.read_text() == "not a model"

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdkit import formats
+from sdkit.errors import SdkitError
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_info_detects_tiny_files_in_real_layout(tiny_files, family):
+    info = formats.info(tiny_files[family])
+    assert info["family"] == family
+    assert info["format"] == "safetensors" and info["dtype"] == "float32"
+    assert info["components"][:3] == ["unet", "vae", "text_encoder"]
+    assert ("text_encoder_2" in info["components"]) == (family == "sdxl")
+    assert info["parameters"] > 1_000_000
+    assert len(info["sha256"]) == 64 and info["autov2"] == info["sha256"][:10]
+
+
+def test_hash_matches_hashlib(tmp_path):
+    import hashlib
+
+    f = tmp_path / "x.safetensors"
+    save_file({"model.diffusion_model.x": torch.zeros(3)}, str(f))
+    assert formats.sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+
+
+def test_header_read_without_tensor_data(tmp_path):
+    f = tmp_path / "big.safetensors"
+    save_file({"a": torch.zeros(1000, 1000, dtype=torch.float16)}, str(f), metadata={"k": "v"})
+    specs, metadata = formats.read_safetensors_header(f)
+    assert specs["a"] == formats.TensorSpec("float16", (1000, 1000)) and metadata == {"k": "v"}
+
+
+def test_zero_byte_file(tmp_path):
+    f = tmp_path / "empty.safetensors"
+    f.touch()
+    with pytest.raises(SdkitError, match="empty"):
+        formats.info(f)
+
+
+def test_truncated_file_says_so(tiny_files, tmp_path):
+    f = tmp_path / "cut.safetensors"
+    data = tiny_files["sd1"].read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SdkitError, match="truncated") as err:
+        formats.info(f)
+    assert "download" in str(err.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"hello, this is a text file and not a model at all\n", "starts with text"),
+    (b"<!DOCTYPE html><html><body>Please log in</body></html>", "web page"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n", "Git LFS pointer"),
+])
+def test_text_renamed_safetensors(tmp_path, content, expected):
+    f = tmp_path / "fake.safetensors"
+    f.write_bytes(content)
+    with pytest.raises(SdkitError, match=expected):
+        formats.info(f)
+
+
+def test_damaged_header(tmp_path):
+    f = tmp_path / "bad.safetensors"
+    f.write_bytes(struct.pack("<Q", 10) + b"{not json}" + b"\0" * 10)
+    with pytest.raises(SdkitError, match="damaged"):
+        formats.info(f)
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this would run code",))
+
+
+def test_pickle_needing_code_is_refused(tmp_path):
+    f = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "trainer": Evil()}, f)
+    before = f.read_bytes()
+    with pytest.raises(SdkitError, match="refused") as err:
+        formats.info(f)
+    assert "safetensors" in err.value.fix
+    assert f.read_bytes() == before
+
+
+def test_plain_tensor_pickle_is_read_and_unwrapped(tmp_path, tiny_files):
+    from safetensors.torch import load_file
+
+    f = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(tiny_files["sd1"]), "global_step": 5}, f)
+    info = formats.info(f)
+    assert info["family"] == "sd1" and info["format"] == "pickle"
+
+
+def test_text_renamed_ckpt(tmp_path):
+    f = tmp_path / "notes.pt"
+    f.write_text("just some notes")
+    with pytest.raises(SdkitError, match="not a PyTorch weight file|could not be read"):
+        formats.info(f)
+
+
+def test_unknown_family_lists_tensor_names(tmp_path):
+    f = tmp_path / "other.safetensors"
+    save_file({"encoder.layer.0.weight": torch.zeros(2), "decoder.head.bias": torch.zeros(2)}, str(f))
+    with pytest.raises(SdkitError, match="Unknown model family") as err:
+        formats.info(f)
+    assert "encoder.layer.0.weight" in str(err.value)
+
+
+def test_bare_unet_and_flux_detection():
+    spec = formats.TensorSpec("float16", (320, 1024))
+    assert formats.detect_family({"input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": spec}) == "sd2"
+    flux = {"model.diffusion_model.double_blocks.0.img_attn.qkv.weight": formats.TensorSpec("bfloat16", (9216, 3072))}
+    assert formats.detect_family(flux) == "flux"
+    assert formats.components(list(flux)) == ["transformer"]
+
+
+def test_wrong_extension(tmp_path):
+    f = tmp_path / "model.zip"
+    f.write_bytes(b"PK")
+    with pytest.raises(SdkitError, match="not a weight-file extension"):
+        formats.info(f)
+
+
+def test_cli_info_json(tiny_files, capsys):
+    from sdkit.__main__ import main
+
+    assert main(["info", str(tiny_files["sdxl"]), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"family", "format", "dtype", "parameters", "components", "sha256", "autov2"} <= set(data)
+    assert data["family"] == "sdxl"

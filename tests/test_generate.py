@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from sdkit import checkpoints
+from sdkit.errors import SdkitError
+from sdkit.generate import Cancelled, GenerationSettings, generate, make_scheduler, sampler_names
+
+FAST = GenerationSettings(prompt="a red circle on a white background", negative_prompt="blurry", seed=7, steps=3,
+                          width=32, height=32)
+
+
+@pytest.fixture(scope="module")
+def sd1(tiny_files):
+    return checkpoints.load(tiny_files["sd1"])
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_same_seed_same_pixels_other_seed_other_pixels(tiny_files, family):
+    pipe = checkpoints.load(tiny_files[family])
+    a, b = generate(pipe, FAST, progress=False)[0], generate(pipe, FAST, progress=False)[0]
+    c = generate(pipe, FAST.replace(seed=8), progress=False)[0]
+    assert a.size == (32, 32)
+    assert np.array_equal(pixels(a), pixels(b))
+    assert not np.array_equal(pixels(a), pixels(c))
+
+
+def test_batch_seeds_count_up_like_a1111(sd1):
+    batch = generate(sd1, FAST.replace(batch_size=3), progress=False)
+    assert [im.sdkit_settings.seed for im in batch] == [7, 8, 9]
+    single = generate(sd1, FAST.replace(seed=9), progress=False)[0]
+    assert np.array_equal(pixels(batch[2]), pixels(single))
+
+
+def test_every_sampler_runs_and_changes_the_result(sd1):
+    results = {}
+    for name in sampler_names():
+        results[name] = pixels(generate(sd1, FAST.replace(sampler=name), progress=False)[0])
+    assert len({r.tobytes() for r in results.values()}) > len(results) // 2
+
+
+def test_karras_spelling_sets_the_schedule():
+    s = GenerationSettings(sampler="dpmpp_2m_karras")
+    assert (s.sampler, s.scheduler) == ("dpmpp_2m", "karras")
+    scheduler = make_scheduler({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                "beta_end": 0.012}, s)
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler" and scheduler.config.use_karras_sigmas
+
+
+def test_clip_skip_changes_the_image(sd1):
+    a = generate(sd1, FAST, progress=False)[0]
+    b = generate(sd1, FAST.replace(clip_skip=2), progress=False)[0]
+    assert not np.array_equal(pixels(a), pixels(b))
+
+
+def test_random_seed_is_resolved_and_recorded(sd1):
+    image = generate(sd1, FAST.replace(seed=-1), progress=False)[0]
+    assert image.sdkit_settings.seed >= 0
+
+
+def test_cancel_between_steps(sd1):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Cancelled, match="cancelled after step 1 of 3"):
+        generate(sd1, FAST, progress=False, cancel=stop)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"width": 30}, "multiple of 8"),
+    ({"height": 8192}, "between 8 and 4096"),
+    ({"steps": 0}, "at least 1 step"),
+    ({"sampler": "euler_b"}, "Unknown sampler 'euler_b'; known: euler, euler_a"),
+    ({"sampler": "ddim", "scheduler": "karras"}, "no Karras schedule"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_settings_are_refused_before_work(sd1, change, message):
+    with pytest.raises(SdkitError, match=message):
+        generate(sd1, FAST.replace(**change), progress=False)
+
+
+def test_nan_from_the_vae_is_detected(tiny_files):
+    pipe = checkpoints.load(tiny_files["sd2"])
+    weight = pipe.vae.post_quant_conv.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.fill_(float("nan"))
+        with pytest.raises(SdkitError, match="NaN") as err:
+            generate(pipe, FAST, progress=False)
+        assert "fp32" in err.value.fix
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
