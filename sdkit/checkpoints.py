@@ -192,15 +192,24 @@ def _prediction(family: str, specs: dict, metadata: dict[str, str]) -> str:
 def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
     """Convert the file's tensors into diffusers components and assemble the pipeline."""
     import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()  # diffusers' pipeline imports warn about image processors we never use
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    transformers_logging.set_verbosity_warning()
 
     config = str(config_dir(specs, family))
     choices = device.choose(device.report())
     state = formats.load_state_dict(path)
     common = {"config": config, "local_files_only": True}
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its notes on dtype casting are about its own loader, not the user's file
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", torch_dtype=choices["unet"].torch_dtype,
@@ -212,6 +221,7 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
             parts[subfolder] = create_diffusers_clip_model_from_ldm(
                 cls, state, subfolder=subfolder, torch_dtype=choices["text_encoder"].torch_dtype, **common)
             parts[subfolder.replace("text_encoder", "tokenizer")] = _tokenizer(naming)
+    diffusers_logging.set_verbosity(verbosity)
     del state
     for part, model in parts.items():
         if isinstance(model, torch.nn.Module):
