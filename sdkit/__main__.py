@@ -44,10 +44,9 @@ def _info(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from sdkit.checkpoints import load
-    from sdkit.generate import GenerationSettings, generate
+    from sdkit.generate import GenerationSettings, check_sampler, generate
     from sdkit.metadata import save_image
 
-    pipe = load(args.model, root=args.root)
     settings = GenerationSettings(
         prompt=args.prompt,
         negative_prompt=args.negative,
@@ -55,12 +54,16 @@ def _generate(args: argparse.Namespace) -> None:
         steps=args.steps,
         cfg=args.cfg,
         sampler=args.sampler,
-        width=args.width or pipe.sdkit.width,
-        height=args.height or pipe.sdkit.height,
+        width=args.width or 512,
+        height=args.height or 512,
         batch_size=args.batch,
         clip_skip=args.clip_skip,
-        model=pipe.sdkit.name,
     )
+    settings.check()  # before a load that can take minutes
+    check_sampler(settings)
+    pipe = load(args.model, root=args.root)
+    settings = settings.replace(width=args.width or pipe.sdkit.width, height=args.height or pipe.sdkit.height,
+                                model=Path(pipe.sdkit.name).stem)
     for image in generate(pipe, settings, progress=not args.quiet):
         path = save_image(image, settings=image.sdkit_settings, out_dir=Path(args.out), model_hash=pipe.sdkit.autov2)
         print(path)

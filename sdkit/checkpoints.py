@@ -18,7 +18,6 @@ from sdkit.paths import ModelPaths
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZERS = CONFIGS / "tokenizers"
-CACHE_SIZE = 2
 _cache: OrderedDict[tuple, object] = OrderedDict()
 
 # Where each family keeps its text encoders in the original layout, and in which naming.
@@ -45,6 +44,34 @@ class CheckpointInfo:
     height: int
     prediction: str
     dtypes: dict[str, str]
+
+
+def _legacy_sd1(tensors: dict) -> dict:
+    """Old SD1 files name the text encoder without `text_model.`; rename as A1111 does."""
+    old = "cond_stage_model.transformer."
+    if not any(k.startswith(tuple(old + part for part in ("embeddings.", "encoder.", "final_layer_norm.")))
+               for k in tensors):
+        return tensors
+    return {(old + "text_model." + k[len(old):] if k.startswith(old) and not k.startswith(old + "text_model.")
+             else k): v for k, v in tensors.items()}
+
+
+def _check_complete(specs: dict, *, path: Path, family: str) -> None:
+    """Refuse files that lack a whole component, or whose UNet is not a text-to-image one."""
+    names = list(specs)
+    for component in ("unet", "vae", "text_encoder"):
+        if component not in formats.components(names):
+            prefix = formats.COMPONENT_PREFIXES[component][0]
+            raise SdkitError(
+                f"{path.name} has no {component} ({prefix}* tensors): it is not a full checkpoint "
+                f"(pruned files sometimes leave out the VAE; a LoRA or VAE file has no UNet).",
+                fix="use the full checkpoint; `python -m sdkit info FILE` shows which parts a file has",
+            )
+    channels = specs["model.diffusion_model.input_blocks.0.0.weight"].shape[1]
+    if channels != 4:
+        kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(channels, f"a {channels}-channel")
+        raise SdkitError(f"{path.name} is {kind} UNet ({channels} input channels); sdkit makes images from text "
+                         f"with 4-channel UNets.", fix="use the text-to-image version of this checkpoint")
 
 
 def _count(names: list[str], pattern: str) -> int:
@@ -189,7 +216,8 @@ def _prediction(family: str, specs: dict, metadata: dict[str, str]) -> str:
     return "v_prediction" if family == "sd2" else "epsilon"
 
 
-def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
+def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], state: dict | None,
+           prediction: str | None):
     """Convert the file's tensors into diffusers components and assemble the pipeline."""
     import torch
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -204,7 +232,7 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
 
     config = str(config_dir(specs, family))
     choices = device.choose(device.report())
-    state = formats.load_state_dict(path)
+    state = _legacy_sd1(state if state is not None else formats.load_state_dict(path))
     common = {"config": config, "local_files_only": True}
     from diffusers.utils import logging as diffusers_logging
 
@@ -230,7 +258,7 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
             if where != "cpu":
                 model.to(where)
             model.eval().requires_grad_(False)
-    prediction = _prediction(family, specs, metadata)
+    prediction = prediction or _prediction(family, specs, metadata)
     scheduler = EulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", prediction_type=prediction)
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(scheduler=scheduler, **parts)
@@ -241,29 +269,42 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str]):
     return pipe, prediction, {k: str(v.dtype).removeprefix("torch.") for k, v in parts.items() if hasattr(v, "dtype")}
 
 
-def load(name_or_path: str | Path, *, root: str | Path | None = None, family: str | None = None):
+def load(name_or_path: str | Path, *, root: str | Path | None = None, family: str | None = None,
+         prediction: str | None = None):
     """Load a single-file checkpoint (by name in models/checkpoints or by path) as a diffusers pipeline, offline.
 
     The same file loaded twice returns the same pipeline object (cached); `pipe.sdkit` says what it is.
+    `prediction` ('epsilon' or 'v_prediction') overrides the guess for SD2 files, which do not say.
     """
+    if prediction not in (None, "epsilon", "v_prediction"):
+        raise SdkitError(f"prediction={prediction!r} is unknown.", fix="use 'epsilon' or 'v_prediction'")
     path = ModelPaths.from_root(root).find("checkpoints", name_or_path)
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, family, str(device.choose(device.report())))
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, family, prediction,
+           str(device.choose(device.report())))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]
-    specs, metadata = formats.read_specs(path)
+    state = None
+    if formats.file_format(path) == "pickle":  # read once: the tensors are needed for the specs anyway
+        state = formats.load_pickle(path)
+        specs, metadata = {k: formats.TensorSpec(str(v.dtype).removeprefix("torch."), tuple(v.shape))
+                           for k, v in state.items()}, {}
+    else:
+        specs, metadata = formats.read_specs(path)
+    specs = _legacy_sd1(specs)
     family = family or formats.detect_family(specs, metadata)
     if family not in LOADABLE:
         raise SdkitError(
             f"{path.name} is a {family} checkpoint; sdkit loads {', '.join(LOADABLE)} checkpoints so far.",
             fix="use an SD1.x, SD2.x or SDXL single-file checkpoint",
         )
-    pipe, prediction, dtypes = _build(path, family=family, specs=specs, metadata=metadata)
+    _check_complete(specs, path=path, family=family)
+    _cache.clear()  # one pipeline at a time: a second SDXL in memory is what runs a laptop out of RAM
+    pipe, prediction, dtypes = _build(path, family=family, specs=specs, metadata=metadata, state=state,
+                                      prediction=prediction)
     size = formats.NATIVE_SIZE[family] if family != "sd2" or prediction == "v_prediction" else 512
     pipe.sdkit = CheckpointInfo(name=path.name, path=path, family=family, autov2=formats.autov2(path), width=size,
                                 height=size, prediction=prediction, dtypes=dtypes)
     _cache[key] = pipe
-    while len(_cache) > CACHE_SIZE:
-        _cache.popitem(last=False)
     return pipe

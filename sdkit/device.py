@@ -123,7 +123,7 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
     forced = os.environ.get("SDKIT_DTYPE")
     if report.accelerator in ("cuda", "rocm", "xpu"):
         device = "cuda" if report.accelerator in ("cuda", "rocm") else "xpu"
-        bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else True
+        bf16 = torch.cuda.is_bf16_supported(including_emulation=False) if device == "cuda" else True
         dtype = "bfloat16" if bf16 else "float16"
         why = f"{report.accelerator} GPU: half precision halves memory and uses its tensor units"
         choices = {c: Choice(device, dtype, why) for c in ("unet", "text_encoder")}
@@ -141,6 +141,11 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
         why = "fp32: this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 would be emulated and slower"
         choices = {c: Choice("cpu", "float32", why) for c in COMPONENTS}
     if forced:
+        if forced not in ("float32", "bfloat16", "float16"):
+            from sdkit.errors import SdkitError
+
+            raise SdkitError(f"SDKIT_DTYPE={forced!r} is not a dtype sdkit uses.",
+                             fix="set it to float32, bfloat16 or float16, or unset it")
         choices = {c: Choice(ch.device, forced, f"{forced}: set by SDKIT_DTYPE") for c, ch in choices.items()}
     return choices
 

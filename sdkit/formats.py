@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import pickle
+import re
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -116,6 +117,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str
     return specs, {str(k): str(v) for k, v in metadata.items()}
 
 
+def _numpy_globals() -> list:
+    """numpy scalars and dtypes: plain data that training tools store as `global_step`; A1111 allows them too."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    return [scalar, np.dtype] + [type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")]
+
+
 def load_pickle(path: Path) -> dict:
     """A .ckpt/.pt/.bin state dict through torch.load(weights_only=True) only; anything more is refused."""
     import torch
@@ -123,14 +135,15 @@ def load_pickle(path: Path) -> dict:
     if path.stat().st_size == 0:
         raise SdkitError(f"{path} is empty (0 bytes).", fix="download the file again")
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(error) and "zip" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            try:
+                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # legacy (non-zip) files cannot be memory-mapped
+                if "mmap" not in str(error) and "zip" not in str(error):
+                    raise
+                data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        text = str(error)
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
         if "weights_only" in text or "Unsupported global" in text or "WeightsUnpickler" in text:
             raise SdkitError(
                 f"{path} refused: it needs more than plain tensors to open (it would run Python code from the "
@@ -170,7 +183,10 @@ def load_state_dict(path: Path) -> dict:
         read_safetensors_header(path)  # clear errors for damaged files before the library sees them
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as error:  # the header was fine, so the data section is what is damaged  # noqa: BLE001
+            raise SdkitError(f"{path} could not be read ({error}).", fix="download the file again") from None
     return load_pickle(path)
 
 

@@ -48,6 +48,9 @@ class GenerationSettings:
                 )
         if self.steps < 1:
             raise SdkitError(f"steps={self.steps} is not usable: at least 1 step is needed.", fix="use steps=20")
+        if not -1 <= self.seed < 2**32:
+            raise SdkitError(f"seed={self.seed} is out of range: seeds run from 0 to 4294967295 (-1 = random).",
+                             fix=f"use seed={self.seed % 2**32}")
         if self.batch_size < 1:
             raise SdkitError(f"batch_size={self.batch_size} is not usable: at least 1.", fix="use batch_size=1")
         if self.clip_skip < 1:
@@ -97,9 +100,12 @@ def check_sampler(settings: GenerationSettings) -> None:
     if settings.scheduler == "karras" and settings.sampler not in KARRAS_CAPABLE:
         raise SdkitError(f"The {settings.sampler} sampler has no Karras schedule; it works with: "
                          f"{', '.join(KARRAS_CAPABLE)}.", fix="use scheduler='normal'")
+    if settings.sampler == "lcm" and settings.steps > 50:
+        raise SdkitError(f"steps={settings.steps} is too many for the LCM sampler (at most 50; it is made for 2-8).",
+                         fix="use steps=4")
 
 
-def make_scheduler(base_config: dict, settings: GenerationSettings):
+def make_scheduler(base_config: dict, settings: GenerationSettings, *, seed: int | None = None):
     """The diffusers scheduler for the settings' sampler and schedule, on the model's noise schedule."""
     import diffusers
 
@@ -108,6 +114,8 @@ def make_scheduler(base_config: dict, settings: GenerationSettings):
     config |= {"timestep_spacing": "linspace"} | extra
     if settings.scheduler == "karras":
         config["use_karras_sigmas"] = True
+    if settings.sampler == "dpmpp_sde":  # its Brownian tree draws from this seed, not from the generator
+        config["noise_sampler_seed"] = settings.seed if seed is None else seed
     return getattr(diffusers, cls).from_config(config)
 
 
@@ -161,9 +169,13 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
     check_sampler(settings)
     is_set = (cancel.is_set if hasattr(cancel, "is_set") else cancel) or (lambda: False)
     seed = _resolve_seed(settings.seed)
-    pipe.scheduler = make_scheduler(dict(pipe.scheduler.config), settings)
+    base_scheduler = dict(pipe.scheduler.config)
     warnings.filterwarnings("ignore", module="torchsde")  # its float-rounding notes about Brownian intervals
     xl = hasattr(pipe, "text_encoder_2")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if settings.clip_skip > layers:
+        raise SdkitError(f"clip_skip={settings.clip_skip} is more than this text encoder's {layers} layers.",
+                         fix="use clip_skip=1 (or 2, as many anime models want)")
     # 2. Encode the prompts once for the whole batch.
     if xl:
         prompt_args = {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
@@ -174,6 +186,7 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
     images = []
     for index in range(settings.batch_size):
         image_seed = seed + index
+        pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
         bar = tqdm(total=settings.steps, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
                    disable=not progress, leave=False)
 

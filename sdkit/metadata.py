@@ -221,6 +221,8 @@ def read_parameters(path: str | os.PathLike[str]) -> GenerationSettings:
         raise SdkitError(f"{path} does not exist.", fix="check the file name and folder") from None
     except UnidentifiedImageError:
         raise SdkitError(f"{path} is not an image.", fix="pass a PNG saved by A1111 or sdkit") from None
+    except OSError as error:
+        raise SdkitError(f"{path} could not be read as a PNG ({error}).", fix="pass a complete PNG file") from None
     text = chunks.get("parameters")
     if not isinstance(text, str) or not text.strip():
         found = ", ".join(sorted(key for key, value in chunks.items() if isinstance(value, str))) or "none"
@@ -254,6 +256,8 @@ def save_image(
 ) -> Path:
     """Save image as out_dir/NNNNN-<seed>.png with its parameters; never replaces an existing file."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SdkitError(f"{out_dir} is a file, not a folder for images.", fix="choose a folder for --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     seed = settings.seed if seed is None else seed
     data = _png_bytes(image, settings=settings, seed=seed, model_hash=model_hash)

@@ -36,6 +36,15 @@ A1111_FOLDERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _bare(name: str) -> str:
+    """A model name in lower case without its weight-file extension."""
+    lower = name.lower()
+    for ext in WEIGHTS + (".gguf",):
+        if lower.endswith(ext):
+            return lower[: -len(ext)]
+    return lower
+
+
 def _layout(root: Path) -> dict[str, list[Path]]:
     """Map each folder kind to the directories that hold it under `root`, whatever the install."""
     if (root / "models" / "Stable-diffusion").is_dir():
@@ -90,10 +99,12 @@ class ModelPaths:
         extensions = FOLDERS[kind][1] if kind in FOLDERS else ()
         names: list[str] = []
         for folder in self.folders(kind):
-            for path in sorted(folder.rglob("*")):
-                if path.is_file() and path.suffix.lower() in extensions:
+            for top, dirs, files in os.walk(folder, followlinks=True):  # as ComfyUI and A1111 do
+                dirs.sort()
+                for file in sorted(files):
+                    path = Path(top) / file
                     name = path.relative_to(folder).as_posix()
-                    if name not in names:
+                    if path.suffix.lower() in extensions and name not in names:
                         names.append(name)
         return names
 
@@ -106,16 +117,19 @@ class ModelPaths:
         path = Path(name_or_path).expanduser()
         if path.is_file():
             return path
-        if path.exists():
-            raise SdkitError(f"{path} is a folder, not a model file.", fix="give the path of the file itself")
+        if path.is_absolute() or str(name_or_path).startswith((".", "~")):
+            raise SdkitError(f"{path} does not exist" + (" as a file (it is a folder)." if path.exists() else "."),
+                             fix="check the path, or give a model name from `python -m sdkit models`")
         wanted = str(name_or_path).replace("\\", "/")
         for folder in self.folders(kind):
             for candidate in (folder / wanted, *(folder / (wanted + ext) for ext in FOLDERS[kind][1])):
                 if candidate.is_file():
                     return candidate
-        for folder in self.folders(kind):  # last try: same name ignoring case and extension
+        bare = _bare(wanted)
+        for folder in self.folders(kind):  # last try: same name ignoring case, extension and (for a bare name) subfolder
             for name in self.list(kind):
-                if Path(name).stem.lower() == Path(wanted).stem.lower() and (folder / name).is_file():
+                candidate = _bare(name) if "/" in wanted else _bare(name).rsplit("/", 1)[-1]
+                if candidate == bare and (folder / name).is_file():
                     return folder / name
         there = self.list(kind)
         where = ", ".join(str(f) for f in self.folders(kind)) or ", ".join(str(r) for r in self.roots)

@@ -120,3 +120,48 @@ def test_missing_name_lists_models(tmp_path):
     (tmp_path / "checkpoints" / "a.safetensors").write_bytes(b"x")
     with pytest.raises(SdkitError, match="a.safetensors"):
         checkpoints.load("b", root=tmp_path)
+
+
+def test_old_sd1_text_encoder_layout_loads(tiny_files, tmp_path, fp32):
+    old = "cond_stage_model.transformer."
+    state = {k.replace(old + "text_model.", old): v for k, v in load_file(tiny_files["sd1"]).items()}
+    assert not any("text_model." in k for k in state)
+    f = tmp_path / "old-layout.safetensors"
+    save_file(state, str(f))
+    pipe = checkpoints.load(f)
+    reference = checkpoints.load(tiny_files["sd1"])
+    ids = torch.tensor([[49406, 320, 49407]])
+    assert torch.equal(pipe.text_encoder(ids)[0], reference.text_encoder(ids)[0])
+
+
+def test_inpainting_unet_is_refused_with_a_reason(tiny_files, tmp_path):
+    state = load_file(tiny_files["sd1"])
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    state[key] = torch.zeros(state[key].shape[0], 9, 3, 3)
+    f = tmp_path / "inpaint.safetensors"
+    save_file(state, str(f))
+    with pytest.raises(SdkitError, match="inpainting UNet"):
+        checkpoints.load(f)
+
+
+def test_file_without_vae_is_refused_with_a_reason(tiny_files, tmp_path):
+    state = {k: v for k, v in load_file(tiny_files["sd1"]).items() if not k.startswith("first_stage_model.")}
+    f = tmp_path / "pruned.safetensors"
+    save_file(state, str(f))
+    with pytest.raises(SdkitError, match="has no vae"):
+        checkpoints.load(f)
+
+
+def test_ckpt_with_numpy_scalars_loads(tiny_files, tmp_path, fp32):
+    import numpy as np
+
+    f = tmp_path / "dreambooth.ckpt"
+    torch.save({"state_dict": load_file(tiny_files["sd1"]), "global_step": np.int64(470000),
+                "epoch": np.float64(3.0)}, f)
+    assert checkpoints.load(f).sdkit.family == "sd1"
+
+
+def test_prediction_override(tiny_files):
+    assert checkpoints.load(tiny_files["sd2"], prediction="epsilon").sdkit.width == 512
+    with pytest.raises(SdkitError, match="prediction='x'"):
+        checkpoints.load(tiny_files["sd2"], prediction="x")

@@ -33,7 +33,7 @@ def test_generate_writes_png_whose_parameters_parse_back(root, capsys):
     second = capsys.readouterr().out.split()
     assert [p.rsplit("/", 1)[1] for p in first + second] == ["00000-5.png", "00001-5.png"]
     expected = GenerationSettings(prompt="a blue square, on black", negative_prompt="red", seed=5, steps=3, cfg=6.5,
-                                  sampler="dpmpp_2m", scheduler="karras", width=32, height=40, model="tiny.safetensors")
+                                  sampler="dpmpp_2m", scheduler="karras", width=32, height=40, model="tiny")
     assert read_parameters(first[0]) == expected
     a, b = (np.asarray(Image.open(p)) for p in (first[0], second[0]))
     assert a.shape == (40, 32, 3) and np.array_equal(a, b)
@@ -60,6 +60,9 @@ def test_models_lists_the_root(root, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "--model", "nope", "--prompt", "x"], "No checkpoints model named 'nope'"),
+    ([*ARGS, "--seed", "99999999999999999999"], "seed=99999999999999999999 is out of range"),
+    ([*ARGS, "--clip-skip", "20"], "clip_skip=20 is more than"),
+    ([*ARGS, "--sampler", "lcm", "--steps", "60"], "too many for the LCM"),
     ([*ARGS[:-1], "--width", "33"], "width=33"),
     ([*ARGS, "--steps", "0"], "steps=0"),
     ([*ARGS, "--sampler", "fast"], "Unknown sampler 'fast'"),

@@ -53,3 +53,13 @@ def test_cli_device_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["choices"]["vae"]["dtype"] in {"float32", "bfloat16", "float16"}
     assert "isa" in data
+
+
+def test_bad_sdkit_dtype_is_explained(monkeypatch):
+    import pytest
+
+    from sdkit.errors import SdkitError
+
+    monkeypatch.setenv("SDKIT_DTYPE", "fp16")
+    with pytest.raises(SdkitError, match="SDKIT_DTYPE='fp16'"):
+        device.choose(make_report())

@@ -99,3 +99,12 @@ def test_nan_from_the_vae_is_detected(tiny_files):
     finally:
         with torch.no_grad():
             weight.copy_(saved)
+
+
+def test_sde_sampler_is_seeded_by_the_image_seed(sd1):
+    settings = FAST.replace(sampler="dpmpp_sde")
+    torch.manual_seed(1)
+    a = pixels(generate(sd1, settings, progress=False)[0])
+    torch.manual_seed(2)
+    b = pixels(generate(sd1, settings, progress=False)[0])
+    assert np.array_equal(a, b)

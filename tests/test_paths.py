@@ -71,3 +71,26 @@ def test_bad_root_and_unknown_kind(tmp_path):
         paths.ModelPaths.from_root(tmp_path / "missing")
     with pytest.raises(SdkitError, match="Unknown model folder 'lora'"):
         paths.ModelPaths([tmp_path]).folders("lora")
+
+
+def test_missing_explicit_path_is_not_replaced_by_a_namesake(tmp_path):
+    touch(tmp_path / "checkpoints" / "x.safetensors")
+    reg = paths.ModelPaths([tmp_path])
+    with pytest.raises(SdkitError, match="does not exist"):
+        reg.find("checkpoints", str(tmp_path / "elsewhere" / "x.ckpt"))
+    with pytest.raises(SdkitError, match="No checkpoints model named 'other/x'"):
+        reg.find("checkpoints", "other/x")
+
+
+def test_folder_in_cwd_does_not_hide_a_model(tmp_path, monkeypatch):
+    f = touch(tmp_path / "root" / "checkpoints" / "juggernaut.safetensors")
+    (tmp_path / "cwd" / "juggernaut").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert paths.ModelPaths([tmp_path / "root"]).find("checkpoints", "juggernaut") == f
+
+
+def test_symlinked_subfolders_are_followed(tmp_path):
+    touch(tmp_path / "shared" / "a.safetensors")
+    (tmp_path / "root" / "loras").mkdir(parents=True)
+    (tmp_path / "root" / "loras" / "linked").symlink_to(tmp_path / "shared")
+    assert paths.ModelPaths([tmp_path / "root"]).list("loras") == ["linked/a.safetensors"]
