@@ -1,4 +1,4 @@
-"""CLI: python -m sdkit {device,models,info,generate,params}."""
+"""CLI: python -m sdkit {device,models,info,generate,evaluate,bench,params}."""
 
 from __future__ import annotations
 
@@ -69,6 +69,22 @@ def _generate(args: argparse.Namespace) -> None:
         print(path)
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from sdkit.checkpoints import load
+    from sdkit.shapes.evaluate import evaluate, format_report
+
+    result = evaluate(load(args.model, root=args.root), seeds=args.seeds, vague_seeds=args.vague_seeds,
+                      progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from sdkit.bench import bench, format_table
+
+    result = bench(quick=args.quick, progress=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
+
+
 def _params(args: argparse.Namespace) -> None:
     from dataclasses import asdict
 
@@ -117,6 +133,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_generate)
+
+    s = sub.add_parser("evaluate", help="measure how well a model follows prompts (the shapes world)")
+    s.add_argument("world", choices=["shapes"], help="which world's prompts and detector to use")
+    s.add_argument("--model", default="shapes-v1", help="checkpoint name or path (default: the bundled shapes-v1)")
+    s.add_argument("--seeds", type=int, default=4, help="images per full caption (seeds 0..N-1)")
+    s.add_argument("--vague-seeds", type=int, default=16, help="images per vague prompt")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_evaluate)
+
+    s = sub.add_parser("bench", help="time diffusers' default path vs sdkit's on this machine (random weights)")
+    s.add_argument("--quick", action="store_true", help="SD1.5 UNet, text encoder and decoders only (under 3 minutes)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_bench)
 
     s = sub.add_parser("params", help="print the generation settings stored in a PNG")
     s.add_argument("png")

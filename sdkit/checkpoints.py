@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sdkit import device, formats
 from sdkit.errors import SdkitError
+from sdkit.optimize import prepare
 from sdkit.paths import ModelPaths
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -72,6 +73,31 @@ def _check_complete(specs: dict, *, path: Path, family: str) -> None:
         kind = {9: "an inpainting", 8: "an instruct-pix2pix"}.get(channels, f"a {channels}-channel")
         raise SdkitError(f"{path.name} is {kind} UNet ({channels} input channels); sdkit makes images from text "
                          f"with 4-channel UNets.", fix="use the text-to-image version of this checkpoint")
+
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def memory_needed_gib(specs: dict[str, formats.TensorSpec], choices: dict[str, device.Choice]) -> float:
+    """GiB the weights take once loaded in the chosen dtypes (counted from the file's tensor shapes)."""
+    total = 0.0
+    for name, spec in specs.items():
+        part = next((c for c, prefixes in formats.COMPONENT_PREFIXES.items() if name.startswith(prefixes)), "unet")
+        total += spec.numel * BYTES[choices["vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"].dtype]
+    return total / 2**30
+
+
+def _check_fits(path: Path, specs: dict[str, formats.TensorSpec], choices: dict[str, device.Choice]) -> None:
+    """Refuse, before loading anything, a model whose weights need more memory than is free."""
+    import psutil
+
+    need = memory_needed_gib(specs, choices)
+    free = psutil.virtual_memory().available / 2**30
+    if need > free:
+        dtypes = ", ".join(sorted({c.dtype for c in choices.values()}))
+        raise SdkitError(f"{path.name} needs about {need:.1f} GiB for its weights ({dtypes}), but only {free:.1f} GiB "
+                         f"of memory is free.",
+                         fix="close other programs, or use a smaller file (an fp8 or GGUF version, or a smaller family)")
 
 
 def _count(names: list[str], pattern: str) -> int:
@@ -254,10 +280,8 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], st
     for part, model in parts.items():
         if isinstance(model, torch.nn.Module):
             _check_loaded(model, part=part, path=path)
-            where = choices["vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"].device
-            if where != "cpu":
-                model.to(where)
-            model.eval().requires_grad_(False)
+            which = "vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"
+            parts[part] = prepare(model, part=which, choice=choices[which])
     prediction = prediction or _prediction(family, specs, metadata)
     scheduler = EulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", prediction_type=prediction)
     if family == "sdxl":
@@ -300,6 +324,7 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None, family: st
             fix="use an SD1.x, SD2.x or SDXL single-file checkpoint",
         )
     _check_complete(specs, path=path, family=family)
+    _check_fits(path, specs, device.choose(device.report()))
     _cache.clear()  # one pipeline at a time: a second SDXL in memory is what runs a laptop out of RAM
     pipe, prediction, dtypes = _build(path, family=family, specs=specs, metadata=metadata, state=state,
                                       prediction=prediction)

@@ -145,8 +145,12 @@ def pipeline_to_ldm(pipe, *, family: str) -> Tensors:
     return {k: v.contiguous() for k, v in state.items()}
 
 
-def save_single_file(pipe, path, *, family: str, metadata: dict[str, str] | None = None) -> None:
-    """Write a pipeline as one original-layout .safetensors checkpoint, as civitai files are."""
+def save_single_file(pipe, path, *, family: str, metadata: dict[str, str] | None = None,
+                     dtype: torch.dtype | None = None) -> None:
+    """Write a pipeline as one original-layout .safetensors checkpoint (optionally cast, e.g. fp16 as civitai files)."""
     from safetensors.torch import save_file
 
-    save_file(pipeline_to_ldm(pipe, family=family), str(path), metadata=metadata or {})
+    state = pipeline_to_ldm(pipe, family=family)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    save_file(state, str(path), metadata=metadata or {})

@@ -9,6 +9,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 
+def _shown_once(fig: Figure) -> Figure:
+    """Close the figure in pyplot, so Jupyter shows it once: as the value a cell returns, not again at the cell's end."""
+    plt.close(fig)
+    return fig
+
+
 def bars(values: dict[str, float], *, title: str, unit: str) -> Figure:
     """A horizontal bar chart of named measurements, each labelled with its value."""
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(values)))
@@ -21,14 +27,16 @@ def bars(values: dict[str, float], *, title: str, unit: str) -> Figure:
     ax.invert_yaxis()
     ax.set_xlim(0, max(values.values()) * 1.3)
     fig.tight_layout()
-    return fig
+    return _shown_once(fig)
 
 
 def grid(images: Sequence[Image.Image], *, labels: Sequence[str] = (), cols: int = 4, title: str = "",
          size: float = 1.6) -> Figure:
     """Images in a grid, each with an optional label underneath."""
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.3)), squeeze=False)
+    lines = max((label.count("\n") + 1 for label in labels), default=0)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.2 + 0.16 * lines) + 0.3 * bool(title)),
+                             squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < len(images):
@@ -38,7 +46,7 @@ def grid(images: Sequence[Image.Image], *, labels: Sequence[str] = (), cols: int
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return fig
+    return _shown_once(fig)
 
 
 def sweep(xs: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: str, ylabel: str,
@@ -54,4 +62,4 @@ def sweep(xs: Sequence[float], series: dict[str, Sequence[float]], *, xlabel: st
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return fig
+    return _shown_once(fig)

@@ -165,3 +165,28 @@ def test_prediction_override(tiny_files):
     assert checkpoints.load(tiny_files["sd2"], prediction="epsilon").sdkit.width == 512
     with pytest.raises(SdkitError, match="prediction='x'"):
         checkpoints.load(tiny_files["sd2"], prediction="x")
+
+
+def test_model_too_big_for_free_memory_is_refused_before_loading(tiny_files, monkeypatch):
+    import psutil
+
+    class Tiny:
+        available = 1024  # bytes free
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
+    checkpoints._cache.clear()
+    with pytest.raises(SdkitError, match=r"needs about 0\.0 GiB .* only 0\.0 GiB of memory is free") as error:
+        checkpoints.load(tiny_files["sd1"])
+    assert "smaller file" in error.value.fix
+    assert not checkpoints._cache
+
+
+def test_memory_estimate_counts_weights_in_the_chosen_dtypes():
+    from sdkit.device import Choice
+    from sdkit.formats import TensorSpec
+
+    specs = {"model.diffusion_model.a": TensorSpec("float32", (1024, 1024)),
+             "first_stage_model.b": TensorSpec("float16", (1024, 1024))}
+    choices = {"unet": Choice("cpu", "bfloat16", ""), "text_encoder": Choice("cpu", "bfloat16", ""),
+               "vae": Choice("cpu", "float32", "")}
+    assert checkpoints.memory_needed_gib(specs, choices) == pytest.approx((2 + 4) * 2**20 / 2**30)

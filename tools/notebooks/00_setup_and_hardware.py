@@ -45,9 +45,9 @@ Let's measure it on *this* machine rather than believe it: one matrix multiplica
 speeds = {dtype: device.matmul_gflops(dtype=dtype, size=MATMUL_SIZE, repeats=REPEATS)
           for dtype in ("float32", "bfloat16")}
 ratio = speeds["bfloat16"] / speeds["float32"]
-plots.bars(speeds, title=f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul on {report.cpu}", unit="GFLOP/s")
 print(f"bf16 is {ratio:.1f}x {'faster' if ratio > 1 else 'slower'} than fp32 here; "
       f"sdkit picked {report.choices['unet'].dtype} for the UNet.")
+plots.bars(speeds, title=f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul on {report.cpu}", unit="GFLOP/s")
 #%%
 # md
 ## 3. How much memory does a model need?

@@ -1,0 +1,369 @@
+"""The performance benchmark: diffusers' default fp32 path vs sdkit's chosen path, against this machine's GEMM peak.
+
+Models are built at their real sizes from the configs sdkit ships, with random weights: no download is needed and
+the time a step takes does not depend on the weight values. FLOPs are counted by PyTorch's FlopCounterMode on the
+meta device (shapes only, no arithmetic), not guessed.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdkit import device
+from sdkit.checkpoints import CONFIGS
+from sdkit.device import Choice
+from sdkit.optimize import describe, prepare
+
+# The text-encoder / latent widths of each family, for building inputs.
+CONTEXT = {"sd1": 768, "sd2": 1024, "sdxl": 2048, "shapes": 64}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model part at one size: what gets timed."""
+
+    name: str
+    family: str
+    part: str  # unet | text_encoder | text_encoder_2 | vae_decoder | tiny_decoder
+    size: int = 512  # image side in pixels
+    batch: int = 1  # 2 = a classifier-free-guidance step (with and without the prompt)
+
+
+CASES = {c.name: c for c in [
+    Case("unet_sd15_512", "sd1", "unet", 512, 2),
+    Case("unet_sd15_256", "sd1", "unet", 256, 2),
+    Case("unet_sd15_768", "sd1", "unet", 768, 2),
+    Case("unet_sd15_1024", "sd1", "unet", 1024, 2),
+    Case("unet_sd21_512", "sd2", "unet", 512, 1),
+    Case("unet_sdxl_1024", "sdxl", "unet", 1024, 1),
+    Case("text_clip_l", "sd1", "text_encoder", batch=2),
+    Case("text_open_clip_h", "sd2", "text_encoder", batch=2),
+    Case("text_sdxl_big_g", "sdxl", "text_encoder_2", batch=2),
+    Case("vae_decoder_512", "sd1", "vae_decoder"),
+    Case("tiny_decoder_512", "sd1", "tiny_decoder"),
+]}
+QUICK = ("unet_sd15_512", "text_clip_l", "vae_decoder_512", "tiny_decoder_512")
+
+
+def build(case: Case, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The part at its real size with random weights, created directly in `dtype` (no second copy), on the CPU."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return _build(case)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _build(case: Case) -> torch.nn.Module:
+    """The part at its real size with random weights, in torch's default dtype."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = CONFIGS / case.family
+    if case.part == "unet":
+        return UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+    if case.part.startswith("text_encoder"):
+        config = CLIPTextConfig(**json.loads((folder / case.part / "config.json").read_text()))
+        cls = CLIPTextModelWithProjection if case.part == "text_encoder_2" else CLIPTextModel
+        return cls(config)
+    if case.part == "vae_decoder":
+        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+        return _Decoder(vae)
+    return _Decoder(AutoencoderTiny())
+
+
+class _Decoder(torch.nn.Module):
+    """Only the decoding half of a VAE (what generation runs)."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample
+
+
+def inputs(case: Case, *, dtype: torch.dtype, where: str = "cpu") -> dict:
+    """Random inputs of the right shapes for one call of the part."""
+    side = case.size // 8
+    if case.part == "unet":
+        args = {"sample": torch.randn(case.batch, 4, side, side),
+                "timestep": torch.tensor(500),
+                "encoder_hidden_states": torch.randn(case.batch, 77, CONTEXT[case.family])}
+        if case.family == "sdxl":
+            args["added_cond_kwargs"] = {"text_embeds": torch.randn(case.batch, 1280),
+                                         "time_ids": torch.tensor([[case.size, case.size, 0, 0, case.size, case.size]]
+                                                                  * case.batch, dtype=torch.float32)}
+    elif case.part.startswith("text_encoder"):
+        return {"input_ids": torch.randint(0, 49407, (case.batch, 77), device=where)}
+    else:
+        args = {"latents": torch.randn(1, 4, side, side)}
+    return _to(args, dtype=dtype, where=where)
+
+
+def _to(value, *, dtype: torch.dtype, where: str):
+    """Move floating tensors (also inside dicts) to `where` and `dtype`."""
+    if isinstance(value, dict):
+        return {k: _to(v, dtype=dtype, where=where) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(where, dtype)
+    return value.to(where) if isinstance(value, torch.Tensor) else value
+
+
+def count_gflop(case: Case) -> float:
+    """GFLOP of one call, counted by FlopCounterMode on the meta device (no memory, no arithmetic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = build(case).eval()
+    args = inputs(case, dtype=torch.float32, where="meta")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**args)
+    return counter.get_total_flops() / 1e9
+
+
+def _peak_reset() -> None:
+    """Reset this process's peak-RSS counter (Linux); elsewhere the peak is since the process started."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gib() -> float:
+    """Peak resident memory of this process since the last reset, GiB."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def seconds(fn: Callable[[], object], *, repeats: int) -> float:
+    """Median wall time of `fn` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _part(case: Case) -> str:
+    """Which of sdkit's per-part choices (unet, text_encoder, vae) applies to this case."""
+    return "vae" if case.part.endswith("decoder") else "text_encoder" if case.part.startswith("text") else "unet"
+
+
+def run(model: torch.nn.Module, case: Case, *, dtype: torch.dtype, where: str, repeats: int) -> tuple[dict, torch.Tensor]:
+    """Time one call of `model` as it is (after one warm-up); returns the numbers and its output."""
+    torch.manual_seed(0)
+    args = _to(inputs(case, dtype=torch.float32), dtype=dtype, where=where)
+    gc.collect()
+    _peak_reset()
+
+    def call():
+        with torch.inference_mode():
+            out = model(**args)
+        return out[0] if isinstance(out, tuple) else getattr(out, "sample", getattr(out, "last_hidden_state", out))
+
+    elapsed = seconds(call, repeats=repeats)
+    output = call().float().cpu()
+    return {"dtype": str(dtype).removeprefix("torch."), "seconds": round(elapsed, 4),
+            "peak_rss_gib": round(peak_rss_gib(), 2)}, output
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||."""
+    return ((a - b).norm() / b.norm()).item()
+
+
+def gemm_peak(*, dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """This machine's measured GEMM GFLOP/s in `dtype` (best of `repeats` size x size matmuls)."""
+    return device.matmul_gflops(dtype=dtype, size=size, repeats=repeats)
+
+
+def bench_case(case: Case, *, peaks: dict[str, float], repeats: int) -> dict:
+    """Both paths of one case: seconds, GFLOP/s, fraction of peak, peak RSS, speed-up and numeric difference."""
+    choice = device.choose(device.report())[_part(case)]
+    gflop = count_gflop(case)
+    model = build(case).eval().requires_grad_(False)
+    theirs, reference = run(model, case, dtype=torch.float32, where="cpu", repeats=max(1, repeats - 1))
+    model = prepare(model, part=_part(case), choice=choice)
+    ours, output = run(model, case, dtype=choice.torch_dtype, where=choice.device, repeats=repeats)
+    del model
+    for row in (theirs, ours):
+        row["gflops"] = round(gflop / row["seconds"], 1)
+    return {
+        "gflop": round(gflop, 1),
+        "default": theirs,
+        "sdkit": ours | {"why": describe(part=_part(case), choice=choice)},
+        "speedup_vs_default": round(theirs["seconds"] / ours["seconds"], 2),
+        "fraction_of_bf16_peak": round(ours["gflops"] / peaks["bfloat16"], 3),
+        "fraction_of_fp32_peak": round(ours["gflops"] / peaks["float32"], 3),
+        "relative_error_vs_fp32": round(relative_error(output, reference), 5),
+    }
+
+
+@dataclass(frozen=True)
+class Run:
+    """One end-to-end generation recipe: text encoding, `steps` UNet calls with a real scheduler, decoding."""
+
+    name: str
+    family: str
+    size: int
+    steps: int
+    cfg: bool
+    decoder: str  # vae_decoder | tiny_decoder
+    sampler: str = "euler"
+
+
+RUNS = {r.name: r for r in [
+    Run("sd15_512_20steps_cfg", "sd1", 512, 20, True, "vae_decoder"),
+    Run("sd15_512_lcm_4steps_tiny", "sd1", 512, 4, False, "tiny_decoder", "lcm"),
+    Run("sd21_turbo_512_1step_tiny", "sd2", 512, 1, False, "tiny_decoder", "euler_a"),
+    Run("sdxl_1024_4steps", "sdxl", 1024, 4, False, "vae_decoder", "euler"),
+]}
+QUICK_RUNS = ("sd15_512_lcm_4steps_tiny",)
+
+
+def end_to_end(recipe: Run) -> dict:
+    """Seconds and peak RSS of one whole generation on sdkit's path (random weights, real sizes and scheduler)."""
+    from sdkit.generate import GenerationSettings, make_scheduler
+
+    choices = device.choose(device.report())
+    _peak_reset()
+    encoders = ["text_encoder", "text_encoder_2"] if recipe.family == "sdxl" else ["text_encoder"]
+    texts = [prepare(build(Case("t", recipe.family, e), dtype=choices["text_encoder"].torch_dtype),
+                     part="text_encoder", choice=choices["text_encoder"]) for e in encoders]
+    unet_case = Case("u", recipe.family, "unet", recipe.size, 2 if recipe.cfg else 1)
+    unet = prepare(build(unet_case, dtype=choices["unet"].torch_dtype), part="unet", choice=choices["unet"])
+    decoder_case = Case("d", recipe.family, recipe.decoder, recipe.size)
+    decoder = prepare(build(decoder_case, dtype=choices["vae"].torch_dtype), part="vae", choice=choices["vae"])
+    scheduler = make_scheduler(json.loads((CONFIGS / recipe.family / "scheduler" / "scheduler_config.json").read_text()),
+                               GenerationSettings(sampler=recipe.sampler, steps=recipe.steps))
+    torch.manual_seed(0)
+    ids = torch.randint(0, 49407, (unet_case.batch, 77))  # prompt and negative prompt when CFG is on
+    unet_args = _to(inputs(unet_case, dtype=torch.float32), dtype=choices["unet"].torch_dtype, where=choices["unet"].device)
+    loaded = peak_rss_gib()
+
+    def generate_once() -> torch.Tensor:
+        with torch.inference_mode():
+            for text in texts:
+                text(input_ids=ids.to(choices["text_encoder"].device))
+            scheduler.set_timesteps(recipe.steps)
+            latents = torch.randn(1, 4, recipe.size // 8, recipe.size // 8) * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                x = scheduler.scale_model_input(torch.cat([latents] * unet_case.batch), t)
+                eps = unet(**(unet_args | {"sample": x.to(unet_args["sample"]), "timestep": t})).sample.float()
+                eps = eps[:1] + 7.0 * (eps[1:] - eps[:1]) if recipe.cfg else eps
+                latents = scheduler.step(eps, t, latents).prev_sample
+            return decoder(latents=latents.to(choices["vae"].device, choices["vae"].torch_dtype))
+
+    elapsed = seconds(generate_once, repeats=1)
+    return {"seconds": round(elapsed, 3), "steps": recipe.steps, "cfg": recipe.cfg, "decoder": recipe.decoder,
+            "size": recipe.size, "peak_rss_gib": round(peak_rss_gib(), 2), "rss_after_load_gib": round(loaded, 2)}
+
+
+def psnr(a, b) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images, dB (inf when identical)."""
+    import numpy as np
+
+    mse = np.mean((np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+
+
+def quality(*, prompts: tuple[str, ...] = ("a red circle on a white background", "a blue triangle on a black background",
+                                            "a yellow square on a black background")) -> dict:
+    """sdkit's path vs fp32 on the trained shapes-v1 model, same seeds: latent relative error and decoded PSNR."""
+    import os
+
+    from sdkit import checkpoints
+    from sdkit.generate import decode
+
+    def latents_and_images(dtype: str | None):
+        previous = os.environ.pop("SDKIT_DTYPE", None)
+        if dtype:
+            os.environ["SDKIT_DTYPE"] = dtype
+        try:
+            pipe = checkpoints.load("shapes-v1")
+            out = []
+            for prompt in prompts:
+                generator = torch.Generator().manual_seed(0)
+                with torch.inference_mode():
+                    lat = pipe(prompt=prompt, num_inference_steps=20, guidance_scale=7.0, width=64, height=64,
+                               generator=generator, output_type="latent").images
+                out.append((lat.float(), decode(pipe, lat)[0]))
+            return out
+        finally:
+            os.environ.pop("SDKIT_DTYPE", None)
+            if previous is not None:
+                os.environ["SDKIT_DTYPE"] = previous
+
+    reference, ours = latents_and_images("float32"), latents_and_images(None)
+    return {"model": "shapes-v1 (trained weights), 20 steps, CFG 7, euler",
+            "dtypes": {k: c.dtype for k, c in device.choose(device.report()).items()},
+            "latent_relative_error": round(max(relative_error(o[0], r[0]) for o, r in zip(ours, reference)), 5),
+            "psnr_db": round(min(psnr(o[1], r[1]) for o, r in zip(ours, reference)), 2)}
+
+
+def bench(*, quick: bool = False, progress: bool = True) -> dict:
+    """Run the benchmark: GEMM peaks, every part on both paths, end-to-end recipes, cost growth, numeric quality."""
+    from tqdm.auto import tqdm
+
+    report = device.report()
+    result: dict = {"machine": {"cpu": report.cpu, "cores": report.cores, "threads": torch.get_num_threads(),
+                                "isa": report.isa, "accelerator": report.accelerator, "torch": report.torch_version},
+                    "quick": quick}
+    peaks = {dtype: round(gemm_peak(dtype=dtype), 1) for dtype in ("float32", "bfloat16")}
+    result["gemm_peak_gflops"] = peaks
+    names = QUICK if quick else tuple(CASES)
+    for name in tqdm(names, desc="parts", disable=not progress):
+        result[name] = bench_case(CASES[name], peaks=peaks, repeats=2 if quick else 3)
+    growth = [n for n in names if n.startswith("unet_sd15_")]
+    if len(growth) > 1:
+        base = result["unet_sd15_512"]
+        result["growth_sd15"] = [{"size": CASES[n].size, "gflop": result[n]["gflop"],
+                                  "seconds": result[n]["sdkit"]["seconds"],
+                                  "cost_vs_512": round(result[n]["sdkit"]["seconds"] / base["sdkit"]["seconds"], 2)}
+                                 for n in sorted(growth, key=lambda n: CASES[n].size)]
+    runs = QUICK_RUNS if quick else tuple(RUNS)
+    result["end_to_end"] = {n: end_to_end(RUNS[n]) for n in tqdm(runs, desc="end to end", disable=not progress)}
+    result["quality"] = quality()
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The benchmark as a text table."""
+    m, peaks = result["machine"], result["gemm_peak_gflops"]
+    lines = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {', '.join(m['isa'])}, torch {m['torch']}",
+             f"GEMM peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s", "",
+             f"{'part':<18} {'GFLOP':>7} {'default s':>10} {'sdkit s':>8} {'speed-up':>8} {'% bf16 peak':>11} "
+             f"{'RSS GiB':>8} {'rel. err':>8}"]
+    for name, row in result.items():
+        if isinstance(row, dict) and "speedup_vs_default" in row:
+            lines.append(f"{name:<18} {row['gflop']:>7.0f} {row['default']['seconds']:>10.3f} "
+                         f"{row['sdkit']['seconds']:>8.3f} {row['speedup_vs_default']:>7.2f}x "
+                         f"{row['fraction_of_bf16_peak']:>10.0%} {row['sdkit']['peak_rss_gib']:>8.2f} "
+                         f"{row['relative_error_vs_fp32']:>8.4f}")
+    for row in result.get("growth_sd15", []):
+        lines.append(f"SD1.5 UNet step at {row['size']}²: {row['seconds']:.2f} s ({row['cost_vs_512']:.2f}x the 512² cost)")
+    lines.append("")
+    for name, row in result["end_to_end"].items():
+        lines.append(f"end to end {name:<28} {row['seconds']:>7.2f} s, peak RSS {row['peak_rss_gib']:.2f} GiB")
+    q = result["quality"]
+    lines.append(f"numeric check ({q['model']}): latent relative error {q['latent_relative_error']:.4f}, "
+                 f"PSNR {q['psnr_db']:.1f} dB vs fp32")
+    return "\n".join(lines)

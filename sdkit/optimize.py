@@ -1,0 +1,32 @@
+"""sdkit's CPU/GPU fast path: the precision, memory layout and attention each model part runs with, in one place."""
+
+from __future__ import annotations
+
+import torch
+
+from sdkit.device import Choice
+
+CONV_PARTS = ("unet", "vae", "tiny_decoder")  # convolution-heavy parts, which oneDNN runs faster in channels-last
+
+
+def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Module:
+    """Cast `model` to the chosen device and dtype, put conv nets in channels-last, freeze it for inference."""
+    first = next(model.parameters(), None)
+    if first is not None and (first.dtype != choice.torch_dtype or first.device.type != choice.device):
+        from diffusers.utils import logging
+
+        level = logging.get_verbosity()
+        logging.set_verbosity_error()  # its note on casting is about its own loaders: the cast here is deliberate
+        try:
+            model = model.to(device=choice.device, dtype=choice.torch_dtype)
+        finally:
+            logging.set_verbosity(level)
+    if part in CONV_PARTS and choice.device == "cpu":
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval().requires_grad_(False)
+
+
+def describe(*, part: str, choice: Choice) -> str:
+    """One line saying what `prepare` does to this part and why."""
+    layout = ", channels-last (oneDNN's fast layout for convolutions)" if part in CONV_PARTS and choice.device == "cpu" else ""
+    return f"{choice.device} {choice.dtype}{layout}, PyTorch scaled-dot-product attention: {choice.reason}"

@@ -1,0 +1,64 @@
+"""The benchmark: counted FLOPs, both paths timed on real code, numbers that add up (tiny shapes-family parts)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sdkit import bench
+
+TINY = bench.Case("unet_shapes_64", "shapes", "unet", 64, 2)
+
+
+def test_flops_are_counted_not_guessed():
+    conv = bench.Case("c", "shapes", "unet", 64, 1)
+    counted = bench.count_gflop(conv)
+    assert counted > 0
+    # one 3x3 conv of the UNet's first layer alone: 2 * 16*16 pixels * 32 out * 4 in * 9 taps
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        torch.nn.Conv2d(4, 32, 3, padding=1)(torch.empty(1, 4, 16, 16))
+    assert counter.get_total_flops() == 2 * 16 * 16 * 32 * 4 * 9
+
+
+def test_sd15_unet_cfg_step_costs_about_1_5_tflop():
+    gflop = bench.count_gflop(bench.CASES["unet_sd15_512"])
+    assert 1300 < gflop < 1800  # convolutions, linear layers and attention of two 512x512 UNet calls
+
+
+def test_flops_grow_with_image_size():
+    small, big = (bench.count_gflop(bench.Case("u", "shapes", "unet", s, 1)) for s in (64, 128))
+    assert 3.5 < big / small < 6  # 4x the pixels; attention grows faster than linearly
+
+
+def test_bench_case_reports_both_paths():
+    peaks = {"float32": 100.0, "bfloat16": 400.0}
+    row = bench.bench_case(TINY, peaks=peaks, repeats=1)
+    assert row["default"]["dtype"] == "float32" and row["default"]["seconds"] > 0
+    assert row["speedup_vs_default"] == pytest.approx(row["default"]["seconds"] / row["sdkit"]["seconds"], rel=0.02)
+    assert row["fraction_of_bf16_peak"] == pytest.approx(row["sdkit"]["gflops"] / 400.0, abs=0.002)
+    assert 0 <= row["relative_error_vs_fp32"] < 0.05
+    assert row["sdkit"]["peak_rss_gib"] > 0.05 and row["sdkit"]["why"]
+
+
+def test_end_to_end_runs_a_real_scheduler_loop():
+    row = bench.end_to_end(bench.Run("tiny", "shapes", 64, 3, True, "vae_decoder"))
+    assert row["seconds"] > 0 and row["steps"] == 3 and row["peak_rss_gib"] >= row["rss_after_load_gib"] > 0
+
+
+def test_psnr():
+    a = np.zeros((4, 4, 3), dtype=np.uint8)
+    b = a.copy()
+    assert bench.psnr(a, b) == math.inf
+    b[0, 0, 0] = 255
+    assert bench.psnr(a, b) == pytest.approx(10 * math.log10(48), rel=1e-6)
+
+
+def test_build_creates_weights_directly_in_the_asked_dtype():
+    model = bench.build(TINY, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32
