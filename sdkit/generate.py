@@ -119,8 +119,33 @@ def make_scheduler(base_config: dict, settings: GenerationSettings, *, seed: int
     return getattr(diffusers, cls).from_config(config)
 
 
+PROMPT_CACHE_SIZE = 32
+
+
+def _weights_version(model) -> tuple[int, int]:
+    """Changes whenever a weight of `model` is replaced or changed in place (a LoRA or embedding applied)."""
+    params = list(model.parameters())
+    return (sum(id(p) for p in params), sum(p._version for p in params))
+
+
 def _encode(pipe, prompt: str, *, clip_skip: int):
-    """CLIP text embeddings with A1111's clip skip (1 = last layer), for single-encoder pipelines."""
+    """CLIP text embeddings with A1111's clip skip (1 = last layer), cached per prompt: moving a slider that is not the
+    prompt (seed, CFG, steps) does not run the text encoder again."""
+    from collections import OrderedDict
+
+    cache = pipe.__dict__.setdefault("_sdkit_prompt_cache", OrderedDict())
+    key = (prompt, clip_skip, _weights_version(pipe.text_encoder))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = _run_encoder(pipe, prompt, clip_skip=clip_skip)
+    while len(cache) > PROMPT_CACHE_SIZE:
+        cache.popitem(last=False)
+    return cache[key]
+
+
+def _run_encoder(pipe, prompt: str, *, clip_skip: int):
+    """The text encoder's output for one prompt."""
     import torch
 
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder

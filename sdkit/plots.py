@@ -21,7 +21,8 @@ def bars(values: dict[str, float], *, title: str, unit: str) -> Figure:
     names = list(values)
     ax.barh(names, [values[n] for n in names], color="tab:blue")
     for i, name in enumerate(names):
-        ax.text(values[name], i, f" {values[name]:.0f} {unit}", va="center")
+        value = values[name]
+        ax.text(value, i, f" {value:.0f} {unit}" if value >= 100 else f" {value:.3g} {unit}", va="center")
     ax.set_xlabel(unit)
     ax.set_title(title)
     ax.invert_yaxis()

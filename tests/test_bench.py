@@ -62,3 +62,20 @@ def test_build_creates_weights_directly_in_the_asked_dtype():
     model = bench.build(TINY, dtype=torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_load_memory_measures_a_real_load_in_a_new_process(tmp_path, monkeypatch):
+    from sdkit.testing import tiny_pipeline
+
+    monkeypatch.setattr(bench, "real_size_pipeline", lambda family: tiny_pipeline(family))
+    row = bench.load_memory("sd1", folder=tmp_path)
+    assert row["peak_rss_gib"] > 0.1 and row["file_gib"] > 0 and row["dtypes"]["unet"]
+    assert not list(tmp_path.iterdir())  # the temporary checkpoint is removed
+
+
+def test_peak_rss_is_per_measurement_not_since_start():
+    big = torch.ones(2**27)  # 512 MiB
+    with_big = bench.peak_rss_gib()
+    del big
+    bench._peak_reset()
+    assert bench.peak_rss_gib() < with_big - 0.3

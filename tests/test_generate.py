@@ -108,3 +108,24 @@ def test_sde_sampler_is_seeded_by_the_image_seed(sd1):
     torch.manual_seed(2)
     b = pixels(generate(sd1, settings, progress=False)[0])
     assert np.array_equal(a, b)
+
+
+def test_prompt_embeddings_are_cached_until_the_text_encoder_changes(tiny_files):
+    pipe = checkpoints.load(tiny_files["sd1"])
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        first = generate(pipe, FAST.replace(prompt="a cached prompt"), progress=False)[0]
+        generate(pipe, FAST.replace(prompt="a cached prompt", seed=8, cfg=3.0), progress=False)
+        assert len(calls) == 2  # prompt and negative prompt, once
+        norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
+        with torch.no_grad():
+            norm.weight.mul_(1.5)  # as a LoRA or embedding would
+        try:
+            changed = generate(pipe, FAST.replace(prompt="a cached prompt"), progress=False)[0]
+        finally:
+            with torch.no_grad():
+                norm.weight.div_(1.5)
+        assert len(calls) == 4 and not np.array_equal(pixels(first), pixels(changed))
+    finally:
+        hook.remove()
