@@ -69,3 +69,32 @@ def test_cli_evaluate_json(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 24 and set(result["accuracy"]) == {"colour", "shape", "background", "all"}
     assert result["seconds_per_image"] > 0 and "shape" in result["confusion"]
+
+
+def test_in_memory_model_saved_then_loaded_gives_the_same_outputs(tmp_path, monkeypatch):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    from sdkit.checkpoints import CONFIGS, _tokenizer
+    from sdkit.shapes import train
+
+    monkeypatch.setenv("SDKIT_DTYPE", "float32")
+    parts = {name: train.build(part, seed=i).eval() for i, (name, part) in
+             enumerate([("vae", "vae"), ("text_encoder", "text"), ("unet", "unet")])}
+    with torch.no_grad():  # move every weight off its initial value, so nothing is right by accident
+        for model in parts.values():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    pipe = StableDiffusionPipeline(**parts, tokenizer=_tokenizer("clip_l"), safety_checker=None, feature_extractor=None,
+                                   scheduler=EulerDiscreteScheduler.from_pretrained(CONFIGS / "shapes", subfolder="scheduler"),
+                                   requires_safety_checker=False)
+    path = tmp_path / "trained.safetensors"
+    save_single_file(pipe, path, family="sd1", metadata={"modelspec.architecture": "sdkit-shapes-v1"})
+    loaded = checkpoints.load(path)
+    ids = torch.tensor([[49406, 320, 736, 2866, 49407]])
+    latents, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 64)
+    with torch.no_grad():
+        assert torch.equal(pipe.text_encoder(ids)[0], loaded.text_encoder(ids)[0])
+        # the loaded conv nets run channels-last (sdkit's fast path): same maths, another summation order
+        close = {"atol": 1e-5, "rtol": 1e-4}
+        assert torch.allclose(pipe.unet(latents, 10, context).sample, loaded.unet(latents, 10, context).sample, **close)
+        assert torch.allclose(pipe.vae.decode(latents).sample, loaded.vae.decode(latents).sample, **close)
