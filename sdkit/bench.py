@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from sdkit import device
-from sdkit.checkpoints import CONFIGS
+from sdkit.checkpoints import CONFIGS, from_shipped_config
 from sdkit.device import Choice
 from sdkit.optimize import describe, prepare
 
@@ -65,20 +65,13 @@ def build(case: Case, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
 
 def _build(case: Case) -> torch.nn.Module:
     """The part at its real size with random weights, in torch's default dtype."""
-    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderTiny
 
-    folder = CONFIGS / case.family
-    if case.part == "unet":
-        return UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-    if case.part.startswith("text_encoder"):
-        config = CLIPTextConfig(**json.loads((folder / case.part / "config.json").read_text()))
-        cls = CLIPTextModelWithProjection if case.part == "text_encoder_2" else CLIPTextModel
-        return cls(config)
     if case.part == "vae_decoder":
-        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-        return _Decoder(vae)
-    return _Decoder(AutoencoderTiny())
+        return _Decoder(from_shipped_config(case.family, "vae"))
+    if case.part == "tiny_decoder":
+        return _Decoder(AutoencoderTiny())
+    return from_shipped_config(case.family, case.part)
 
 
 class _Decoder(torch.nn.Module):
@@ -172,14 +165,13 @@ def seconds(fn: Callable[[], object], *, repeats: int) -> float:
 
 def _part(case: Case) -> str:
     """Which of sdkit's per-part choices (unet, text_encoder, vae) applies to this case."""
-    return "vae" if case.part.endswith("decoder") else "text_encoder" if case.part.startswith("text") else "unet"
+    return device.component_of("vae" if case.part.endswith("decoder") else case.part)
 
 
 def run(model: torch.nn.Module, case: Case, *, dtype: torch.dtype, where: str, repeats: int) -> tuple[dict, torch.Tensor]:
     """Time one call of `model` as it is (after one warm-up); returns the numbers and its output."""
     torch.manual_seed(0)
-    args = _to(inputs(case, dtype=torch.float32), dtype=dtype, where=where)
-    gc.collect()
+    args = inputs(case, dtype=dtype, where=where)
     _peak_reset()
 
     def call():
@@ -204,15 +196,7 @@ def gemm_peak(*, dtype: str, size: int = 2048, window: float = 3.0) -> float:
     The best, not the median: on shared or throttling CPUs single timings of the same matmul vary several-fold,
     and the limit is what the hardware reaches when nothing gets in the way.
     """
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
-    a @ b
-    best, start = float("inf"), time.perf_counter()
-    while time.perf_counter() - start < window:
-        began = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - began)
-    return 2 * size**3 / best / 1e9
+    return device.matmul_gflops(dtype=dtype, size=size, repeats=1, seconds=window)
 
 
 def bench_case(case: Case, *, peaks: dict[str, float], repeats: int) -> dict:
@@ -276,7 +260,7 @@ def end_to_end(recipe: Run) -> dict:
                                GenerationSettings(sampler=recipe.sampler, steps=recipe.steps))
     torch.manual_seed(0)
     ids = torch.randint(0, 49407, (unet_case.batch, 77))  # prompt and negative prompt when CFG is on
-    unet_args = _to(inputs(unet_case, dtype=torch.float32), dtype=choices["unet"].torch_dtype, where=choices["unet"].device)
+    unet_args = inputs(unet_case, dtype=choices["unet"].torch_dtype, where=choices["unet"].device)
     loaded = peak_rss_gib()
 
     def generate_once() -> torch.Tensor:

@@ -83,7 +83,7 @@ def memory_needed_gib(specs: dict[str, formats.TensorSpec], choices: dict[str, d
     total = 0.0
     for name, spec in specs.items():
         part = next((c for c, prefixes in formats.COMPONENT_PREFIXES.items() if name.startswith(prefixes)), "unet")
-        total += spec.numel * BYTES[choices["vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"].dtype]
+        total += spec.numel * BYTES[choices[device.component_of(part)].dtype]
     return total / 2**30
 
 
@@ -212,6 +212,19 @@ def config_dir(specs: dict[str, formats.TensorSpec], family: str) -> Path:
     return target
 
 
+def from_shipped_config(family: str, subfolder: str):
+    """A freshly initialised (random) model of one part of `family`, built from the config sdkit ships."""
+    config = json.loads((CONFIGS / family / subfolder / "config.json").read_text())
+    if subfolder.startswith("text_encoder"):
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
+        return cls(CLIPTextConfig(**config))
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
 def _tokenizer(variant: str):
     """The CLIP tokenizer shipped in sdkit/configs/tokenizers (clip_l pads with <|endoftext|>, open_clip with '!')."""
     from transformers import CLIPTokenizer
@@ -280,7 +293,7 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], st
     for part, model in parts.items():
         if isinstance(model, torch.nn.Module):
             _check_loaded(model, part=part, path=path)
-            which = "vae" if part == "vae" else "unet" if part == "unet" else "text_encoder"
+            which = device.component_of(part)
             parts[part] = prepare(model, part=which, choice=choices[which])
     prediction = prediction or _prediction(family, specs, metadata)
     scheduler = EulerDiscreteScheduler.from_pretrained(config, subfolder="scheduler", prediction_type=prediction)

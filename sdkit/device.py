@@ -118,6 +118,11 @@ def _accelerator() -> tuple[str, str]:
     return "none", ""
 
 
+def component_of(part: str) -> str:
+    """Which per-component choice (unet, text_encoder, vae) a model part runs with: text_encoder_2 is a text encoder."""
+    return part if part in ("unet", "vae") else "text_encoder"
+
+
 def choose(report: DeviceReport) -> dict[str, Choice]:
     """Pick device and dtype for each component, with a reason a learner can read."""
     forced = os.environ.get("SDKIT_DTYPE")
@@ -168,18 +173,20 @@ def report() -> DeviceReport:
     return result
 
 
-def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5) -> float:
-    """Measured GFLOP/s of a size x size matmul in `dtype` on the CPU (best of `repeats`)."""
+def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5, seconds: float = 0.0) -> float:
+    """Measured GFLOP/s of a size x size matmul in `dtype` on the CPU: the best of at least `repeats` calls, repeated
+    until `seconds` have passed."""
     import time
 
     a = torch.randn(size, size, dtype=getattr(torch, dtype))
     b = torch.randn(size, size, dtype=getattr(torch, dtype))
     a @ b  # warm-up: first call allocates and picks kernels
-    best = float("inf")
-    for _ in range(repeats):
+    best, began, done = float("inf"), time.perf_counter(), 0
+    while done < repeats or time.perf_counter() - began < seconds:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
+        done += 1
     return 2 * size**3 / best / 1e9
 
 

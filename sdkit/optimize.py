@@ -6,7 +6,12 @@ import torch
 
 from sdkit.device import Choice
 
-CONV_PARTS = ("unet", "vae", "tiny_decoder")  # convolution-heavy parts, which oneDNN runs faster in channels-last
+CONV_PARTS = ("unet", "vae")  # convolution-heavy parts, which oneDNN runs faster in channels-last
+
+
+def _channels_last(part: str, choice: Choice) -> bool:
+    """Whether `prepare` puts this part in channels-last memory."""
+    return part in CONV_PARTS and choice.device == "cpu"
 
 
 def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Module:
@@ -21,12 +26,12 @@ def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Mo
             model = model.to(device=choice.device, dtype=choice.torch_dtype)
         finally:
             logging.set_verbosity(level)
-    if part in CONV_PARTS and choice.device == "cpu":
+    if _channels_last(part, choice):
         model = model.to(memory_format=torch.channels_last)
     return model.eval().requires_grad_(False)
 
 
 def describe(*, part: str, choice: Choice) -> str:
     """One line saying what `prepare` does to this part and why."""
-    layout = ", channels-last (oneDNN's fast layout for convolutions)" if part in CONV_PARTS and choice.device == "cpu" else ""
+    layout = ", channels-last (oneDNN's fast layout for convolutions)" if _channels_last(part, choice) else ""
     return f"{choice.device} {choice.dtype}{layout}, PyTorch scaled-dot-product attention: {choice.reason}"

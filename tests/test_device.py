@@ -63,3 +63,11 @@ def test_bad_sdkit_dtype_is_explained(monkeypatch):
     monkeypatch.setenv("SDKIT_DTYPE", "fp16")
     with pytest.raises(SdkitError, match="SDKIT_DTYPE='fp16'"):
         device.choose(make_report())
+
+
+def test_every_model_part_maps_to_one_component_choice():
+    from sdkit.device import COMPONENTS, component_of
+
+    assert [component_of(p) for p in ("unet", "vae", "text_encoder", "text_encoder_2")] == \
+        ["unet", "vae", "text_encoder", "text_encoder"]
+    assert set(map(component_of, COMPONENTS)) == set(COMPONENTS)

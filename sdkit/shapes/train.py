@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from sdkit.checkpoints import CONFIGS, _tokenizer
+from sdkit.checkpoints import CONFIGS, _tokenizer, from_shipped_config
 from sdkit.shapes import data
 
 CONFIG = CONFIGS / "shapes"
@@ -52,15 +52,8 @@ def config(part: str) -> dict:
 
 def build(part: str, *, seed: int = 0) -> torch.nn.Module:
     """A freshly initialised model for `part`, from the shipped config."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(seed)
-    if part == "vae":
-        return AutoencoderKL.from_config(config("vae"))
-    if part == "unet":
-        return UNet2DConditionModel.from_config(config("unet"))
-    return CLIPTextModel(CLIPTextConfig(**config("text")))
+    return from_shipped_config("shapes", {"vae": "vae", "text": "text_encoder", "unet": "unet"}[part])
 
 
 def load_part(part: str, *, runs: Path = RUNS) -> torch.nn.Module:
