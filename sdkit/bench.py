@@ -126,14 +126,7 @@ def count_gflop(case: Case) -> float:
 
 def _peak_reset() -> None:
     """Hand freed memory back to the OS and reset the peak-RSS counter (Linux); elsewhere the peak is since start."""
-    import ctypes
-    import ctypes.util
-
-    gc.collect()
-    try:  # glibc keeps freed blocks of earlier (bigger) models in its heap, and they would count in the next peak
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    device.return_free_memory()  # freed blocks of earlier (bigger) models would otherwise count in the next peak
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:

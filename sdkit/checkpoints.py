@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sdkit import device, formats
 from sdkit.errors import SdkitError
-from sdkit.optimize import prepare
+from sdkit.optimize import memory_format, prepare
 from sdkit.paths import ModelPaths
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -255,40 +255,100 @@ def _prediction(family: str, specs: dict, metadata: dict[str, str]) -> str:
     return "v_prediction" if family == "sd2" else "epsilon"
 
 
+def _fill(model, state: dict, *, dtype, layout, release) -> None:
+    """Move converted tensors into `model` (built on the meta device) one at a time, cast to `dtype`.
+
+    Each tensor is copied, popped and its file pages released before the next: memory holds the finished weights
+    plus one tensor, never the file's copy and the converted copy side by side. 4-D weights are created in `layout`
+    (channels-last for convolutions on a CPU), so no later step copies them again.
+    """
+    import torch
+
+    expected = model.state_dict(keep_vars=True)  # what a checkpoint holds: no non-persistent buffers (position ids)
+    for name in list(state):
+        tensor = state.pop(name)
+        if name not in expected:
+            continue
+        target = dtype if tensor.is_floating_point() else tensor.dtype
+        value = torch.empty(tensor.shape, dtype=target,
+                            memory_format=layout if tensor.dim() == 4 else torch.contiguous_format).copy_(tensor)
+        release(tensor)
+        del tensor
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            module._buffers[attr] = value
+
+
+def _take(state: dict, prefixes: tuple[str, ...]) -> dict:
+    """Pop the tensors whose names start with one of `prefixes` out of `state`."""
+    return {k: state.pop(k) for k in [k for k in state if k.startswith(prefixes)]}
+
+
+def _component(part: str, state: dict, *, config: str, family: str, choice: device.Choice, release):
+    """One diffusers/transformers component from its original-layout tensors (popped out of `state`)."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders import single_file_utils as ldm
+
+    if part in ("unet", "vae"):
+        import diffusers
+
+        cls = diffusers.UNet2DConditionModel if part == "unet" else diffusers.AutoencoderKL
+        settings = cls.load_config(config, subfolder=part, local_files_only=True)
+        with init_empty_weights():
+            model = cls.from_config(settings)
+        ours = _take(state, formats.COMPONENT_PREFIXES[part])
+        convert = ldm.convert_ldm_unet_checkpoint if part == "unet" else ldm.convert_ldm_vae_checkpoint
+        converted = convert(ours, config=settings)
+    else:
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        _, prefix, naming = next(t for t in TEXT_ENCODERS[family] if t[0] == part)
+        cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
+        with init_empty_weights():
+            model = cls(CLIPTextConfig.from_pretrained(config, subfolder=part, local_files_only=True))
+        ours = _take(state, (prefix.removesuffix("text_model."),))
+        if naming == "clip_l":
+            converted = ldm.convert_ldm_clip_checkpoint(ours, remove_prefix=prefix.removesuffix("text_model."))
+        else:
+            converted = ldm.convert_open_clip_checkpoint(model, ours, prefix=prefix)
+        if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    which = device.component_of(part)
+    _fill(model, converted, dtype=choice.torch_dtype, layout=memory_format(part=which, choice=choice), release=release)
+    for tensor in ours.values():
+        release(tensor)  # pages read only to be split (open_clip's q/k/v) or skipped
+    return model
+
+
 def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], state: dict | None,
            prediction: str | None):
-    """Convert the file's tensors into diffusers components and assemble the pipeline."""
+    """Convert the file's tensors into diffusers components, one at a time, and assemble the pipeline."""
     import torch
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()  # diffusers' pipeline imports warn about image processors we never use
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     transformers_logging.set_verbosity_warning()
 
     config = str(config_dir(specs, family))
     choices = device.choose(device.report())
-    state = _legacy_sd1(state if state is not None else formats.load_state_dict(path))
-    common = {"config": config, "local_files_only": True}
-    from diffusers.utils import logging as diffusers_logging
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # its notes on dtype casting are about its own loader, not the user's file
+    state = state if state is not None else formats.load_state_dict(path)
+    release = getattr(state, "release", lambda tensor: None)  # memory-mapped safetensors hand pages back
+    state = _legacy_sd1(state)
+    parts = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", torch_dtype=choices["unet"].torch_dtype,
-                                                     **common)
-        vae = AutoencoderKL.from_single_file(state, subfolder="vae", torch_dtype=choices["vae"].torch_dtype, **common)
-        parts = {"unet": unet, "vae": vae}
-        for subfolder, _, naming in TEXT_ENCODERS[family]:
-            cls = CLIPTextModelWithProjection if subfolder == "text_encoder_2" else CLIPTextModel
-            parts[subfolder] = create_diffusers_clip_model_from_ldm(
-                cls, state, subfolder=subfolder, torch_dtype=choices["text_encoder"].torch_dtype, **common)
+        for subfolder, _, naming in TEXT_ENCODERS[family]:  # smallest first: the peak comes with the last part
+            parts[subfolder] = _component(subfolder, state, config=config, family=family,
+                                          choice=choices["text_encoder"], release=release)
             parts[subfolder.replace("text_encoder", "tokenizer")] = _tokenizer(naming)
-    diffusers_logging.set_verbosity(verbosity)
+        for part in ("vae", "unet"):
+            parts[part] = _component(part, state, config=config, family=family, choice=choices[part],
+                                     release=release)
     del state
     for part, model in parts.items():
         if isinstance(model, torch.nn.Module):
@@ -339,8 +399,10 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None, family: st
     _check_complete(specs, path=path, family=family)
     _check_fits(path, specs, device.choose(device.report()))
     _cache.clear()  # one pipeline at a time: a second SDXL in memory is what runs a laptop out of RAM
+    device.return_free_memory()
     pipe, prediction, dtypes = _build(path, family=family, specs=specs, metadata=metadata, state=state,
                                       prediction=prediction)
+    device.return_free_memory()
     size = formats.NATIVE_SIZE[family] if family != "sd2" or prediction == "v_prediction" else 512
     pipe.sdkit = CheckpointInfo(name=path.name, path=path, family=family, autov2=formats.autov2(path), width=size,
                                 height=size, prediction=prediction, dtypes=dtypes)

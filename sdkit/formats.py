@@ -177,15 +177,59 @@ def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     return {k: TensorSpec(str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in state.items()}, {}
 
 
-def load_state_dict(path: Path) -> dict:
-    """All tensors of a weight file, memory-mapped where the format allows (not copied into RAM)."""
-    if file_format(path) == "safetensors":
-        read_safetensors_header(path)  # clear errors for damaged files before the library sees them
-        from safetensors.torch import load_file
+class MappedTensors(dict):
+    """The tensors of a safetensors file as zero-copy views of one read-only memory map (name -> tensor).
 
+    Nothing is read until a tensor is used; `release` hands the pages of a tensor that has been copied back to the
+    OS, so converting a file to another dtype never holds the whole file and the whole result at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import mmap
+
+        import torch
+
+        specs, _ = read_safetensors_header(path)
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: no write can reach the file
+        start = 8 + header_len
+        whole = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._base, self._end = whole.data_ptr(), whole.data_ptr() + len(whole)
+        super().__init__()
+        for name, spec in specs.items():
+            begin, end = header[name]["data_offsets"]
+            dtype = getattr(torch, spec.dtype, None)
+            if dtype is None:
+                raise SdkitError(f"{path}: tensor {name!r} has dtype {spec.dtype}, which PyTorch cannot read.",
+                                 fix="convert the file to fp16 or fp32 with the tool that made it")
+            data = whole[start + begin:start + end]
+            try:
+                self[name] = data.view(dtype).view(spec.shape)
+            except RuntimeError:  # empty, or not aligned to its element size (files from other writers): copy it
+                self[name] = data.clone().view(dtype).view(spec.shape)
+
+    def release(self, tensor) -> None:
+        """Drop the resident pages behind `tensor` (a view of this map) from memory; it reads back from disk if used."""
+        import mmap
+
+        pointer, size = tensor.data_ptr(), tensor.nbytes
+        if not (self._base <= pointer < self._end) or size == 0:
+            return  # a copy made during conversion, not a view of the file
+        page = mmap.PAGESIZE
+        first = -(-(pointer - self._base) // page) * page  # whole pages only: neighbours may share the edge pages
+        last = (pointer + size - self._base) // page * page
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def load_state_dict(path: Path) -> dict:
+    """All tensors of a weight file, memory-mapped (not copied into RAM): a MappedTensors for safetensors."""
+    if file_format(path) == "safetensors":
         try:
-            return load_file(path)
-        except Exception as error:  # the header was fine, so the data section is what is damaged  # noqa: BLE001
+            return MappedTensors(path)
+        except (ValueError, OSError) as error:
             raise SdkitError(f"{path} could not be read ({error}).", fix="download the file again") from None
     return load_pickle(path)
 

@@ -14,6 +14,11 @@ def _channels_last(part: str, choice: Choice) -> bool:
     return part in CONV_PARTS and choice.device == "cpu"
 
 
+def memory_format(*, part: str, choice: Choice) -> torch.memory_format:
+    """The layout 4-D (convolution) weights of this part are best created in, so `prepare` need not copy them."""
+    return torch.channels_last if _channels_last(part, choice) else torch.contiguous_format
+
+
 def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Module:
     """Cast `model` to the chosen device and dtype, put conv nets in channels-last, freeze it for inference."""
     first = next(model.parameters(), None)

@@ -21,10 +21,10 @@ def test_report_describes_this_machine():
     assert all(c.reason for c in r.choices.values())
 
 
-def test_cpu_with_bf16_units_gets_bf16_and_fp32_vae():
+def test_cpu_with_bf16_units_gets_bf16_everywhere_and_says_why():
     choices = device.choose(make_report(isa=["AVX512-BF16", "AVX512", "AVX2"]))
     assert choices["unet"].dtype == "bfloat16" and "AVX512-BF16" in choices["unet"].reason
-    assert choices["vae"].dtype == "float32" and "NaN" in choices["vae"].reason
+    assert choices["vae"].dtype == "bfloat16" and "NaN" in choices["vae"].reason
 
 
 def test_amx_is_named_as_the_reason():

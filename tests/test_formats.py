@@ -134,3 +134,40 @@ def test_cli_info_json(tiny_files, capsys):
     data = json.loads(capsys.readouterr().out)
     assert {"family", "format", "dtype", "parameters", "components", "sha256", "autov2"} <= set(data)
     assert data["family"] == "sdxl"
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux)."""
+    import os
+
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_mapped_tensors_equal_safetensors_own_reader(tiny_files):
+    from safetensors.torch import load_file
+
+    mapped, reference = formats.load_state_dict(tiny_files["sdxl"]), load_file(tiny_files["sdxl"])
+    assert isinstance(mapped, formats.MappedTensors) and set(mapped) == set(reference)
+    assert all(mapped[k].dtype == reference[k].dtype and torch.equal(mapped[k], reference[k]) for k in reference)
+
+
+def test_mapped_tensors_are_not_read_until_used_and_release_hands_pages_back(tmp_path):
+    f = tmp_path / "big.safetensors"
+    save_file({"a": torch.arange(16 * 2**20, dtype=torch.float32).view(4096, 4096), "b": torch.ones(3)}, f)  # 64 MiB
+    before = _rss_bytes()
+    mapped = formats.load_state_dict(f)
+    assert _rss_bytes() - before < 8 * 2**20  # mapping is not reading
+    total = mapped["a"].sum().item()  # now every page of "a" is read
+    assert _rss_bytes() - before > 56 * 2**20
+    mapped.release(mapped["a"])
+    assert _rss_bytes() - before < 8 * 2**20
+    assert mapped["a"].sum().item() == total  # released pages read back from the file, unchanged
+    assert torch.equal(mapped["b"], torch.ones(3))
+
+
+def test_mapped_tensors_never_write_to_the_file(tmp_path):
+    f = tmp_path / "m.safetensors"
+    save_file({"a": torch.zeros(1000)}, f)
+    before = f.read_bytes()
+    formats.load_state_dict(f)["a"].add_(1)  # a private copy-on-write map: the user's file stays as it was
+    assert f.read_bytes() == before
