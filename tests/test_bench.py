@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -79,3 +80,17 @@ def test_peak_rss_is_per_measurement_not_since_start():
     del big
     bench._peak_reset()
     assert bench.peak_rss_gib() < with_big - 0.3
+
+
+def test_breakdown_accounts_for_all_time_and_all_flops():
+    parts = bench.breakdown(TINY)
+    assert set(parts) == {"convolution", "matmul", "attention", "other"}
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=0.01)
+    assert sum(p["gflop"] for p in parts.values()) == pytest.approx(bench.count_gflop(TINY), rel=0.01)
+    assert parts["convolution"]["gflop"] > 0 and parts["attention"]["gflop"] > 0 and parts["other"]["gflop"] == 0
+
+
+def test_timing_keeps_median_and_best():
+    times = iter([0.0, 3.0, 1.0, 2.0])
+    t = bench.seconds(lambda: time.sleep(next(times) / 1000), repeats=3)
+    assert t.best <= t.median and t.best > 0.0009
