@@ -48,13 +48,14 @@ class CheckpointInfo:
 
 
 def _legacy_sd1(tensors: dict) -> dict:
-    """Old SD1 files name the text encoder without `text_model.`; rename as A1111 does."""
+    """Old SD1 files name the text encoder without `text_model.`; rename as A1111 does (in place, same dict)."""
     old = "cond_stage_model.transformer."
     if not any(k.startswith(tuple(old + part for part in ("embeddings.", "encoder.", "final_layer_norm.")))
                for k in tensors):
         return tensors
-    return {(old + "text_model." + k[len(old):] if k.startswith(old) and not k.startswith(old + "text_model.")
-             else k): v for k, v in tensors.items()}
+    for key in [k for k in tensors if k.startswith(old) and not k.startswith(old + "text_model.")]:
+        tensors[old + "text_model." + key[len(old):]] = tensors.pop(key)
+    return tensors
 
 
 def _check_complete(specs: dict, *, path: Path, family: str) -> None:
@@ -255,24 +256,28 @@ def _prediction(family: str, specs: dict, metadata: dict[str, str]) -> str:
     return "v_prediction" if family == "sd2" else "epsilon"
 
 
-def _fill(model, state: dict, *, dtype, layout, release) -> None:
+def _fill(model, state: dict, *, dtype, layout, release, path: Path, part: str) -> None:
     """Move converted tensors into `model` (built on the meta device) one at a time, cast to `dtype`.
 
-    Each tensor is copied, popped and its file pages released before the next: memory holds the finished weights
-    plus one tensor, never the file's copy and the converted copy side by side. 4-D weights are created in `layout`
-    (channels-last for convolutions on a CPU), so no later step copies them again.
+    Each tensor is copied, popped and its file pages released before the next: from a memory-mapped safetensors
+    file, memory holds the finished weights plus one tensor, never the file's copy and the converted copy side by
+    side. 4-D weights are created in `layout` (channels-last for convolutions on a CPU): no later step copies them.
     """
     import torch
 
     expected = model.state_dict(keep_vars=True)  # what a checkpoint holds: no non-persistent buffers (position ids)
     for name in list(state):
         tensor = state.pop(name)
-        if name not in expected:
+        if name not in expected or tensor is None:  # None: a converter's .get() of a missing key; reported later
             continue
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise SdkitError(f"{path.name}: the {part} weight {name} is {list(tensor.shape)} in the file, but this "
+                             f"{part} needs {list(expected[name].shape)}.",
+                             fix="the file mixes parts of different models or is damaged; use another file")
         target = dtype if tensor.is_floating_point() else tensor.dtype
         value = torch.empty(tensor.shape, dtype=target,
                             memory_format=layout if tensor.dim() == 4 else torch.contiguous_format).copy_(tensor)
-        release(tensor)
+        release(tensor.data_ptr(), tensor.nbytes)
         del tensor
         owner, _, attr = name.rpartition(".")
         module = model.get_submodule(owner)
@@ -287,7 +292,7 @@ def _take(state: dict, prefixes: tuple[str, ...]) -> dict:
     return {k: state.pop(k) for k in [k for k in state if k.startswith(prefixes)]}
 
 
-def _component(part: str, state: dict, *, config: str, family: str, choice: device.Choice, release):
+def _component(part: str, state: dict, *, config: str, family: str, choice: device.Choice, release, path: Path):
     """One diffusers/transformers component from its original-layout tensors (popped out of `state`)."""
     from accelerate import init_empty_weights
     from diffusers.loaders import single_file_utils as ldm
@@ -297,7 +302,7 @@ def _component(part: str, state: dict, *, config: str, family: str, choice: devi
 
         cls = diffusers.UNet2DConditionModel if part == "unet" else diffusers.AutoencoderKL
         settings = cls.load_config(config, subfolder=part, local_files_only=True)
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=False):
             model = cls.from_config(settings)
         ours = _take(state, formats.COMPONENT_PREFIXES[part])
         convert = ldm.convert_ldm_unet_checkpoint if part == "unet" else ldm.convert_ldm_vae_checkpoint
@@ -307,7 +312,7 @@ def _component(part: str, state: dict, *, config: str, family: str, choice: devi
 
         _, prefix, naming = next(t for t in TEXT_ENCODERS[family] if t[0] == part)
         cls = CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel
-        with init_empty_weights():
+        with init_empty_weights(include_buffers=False):
             model = cls(CLIPTextConfig.from_pretrained(config, subfolder=part, local_files_only=True))
         ours = _take(state, (prefix.removesuffix("text_model."),))
         if naming == "clip_l":
@@ -316,10 +321,13 @@ def _component(part: str, state: dict, *, config: str, family: str, choice: devi
             converted = ldm.convert_open_clip_checkpoint(model, ours, prefix=prefix)
         if not hasattr(model, "text_model"):  # transformers >= 5.6 flattened CLIPTextModel
             converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    spans = [(t.data_ptr(), t.nbytes) for t in ours.values()]
+    ours.clear()  # the converted dict holds what is still needed; originals of loaded pickles are freed as they go
     which = device.component_of(part)
-    _fill(model, converted, dtype=choice.torch_dtype, layout=memory_format(part=which, choice=choice), release=release)
-    for tensor in ours.values():
-        release(tensor)  # pages read only to be split (open_clip's q/k/v) or skipped
+    _fill(model, converted, dtype=choice.torch_dtype, layout=memory_format(part=which, choice=choice), release=release,
+          path=path, part=part)
+    for pointer, size in spans:
+        release(pointer, size)  # pages read only to be split (open_clip's q/k/v) or skipped
     return model
 
 
@@ -337,18 +345,18 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], st
     config = str(config_dir(specs, family))
     choices = device.choose(device.report())
     state = state if state is not None else formats.load_state_dict(path)
-    release = getattr(state, "release", lambda tensor: None)  # memory-mapped safetensors hand pages back
+    release = getattr(state, "release", lambda pointer, size: None)  # memory-mapped safetensors hand pages back
     state = _legacy_sd1(state)
     parts = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for subfolder, _, naming in TEXT_ENCODERS[family]:  # smallest first: the peak comes with the last part
             parts[subfolder] = _component(subfolder, state, config=config, family=family,
-                                          choice=choices["text_encoder"], release=release)
+                                          choice=choices["text_encoder"], release=release, path=path)
             parts[subfolder.replace("text_encoder", "tokenizer")] = _tokenizer(naming)
         for part in ("vae", "unet"):
             parts[part] = _component(part, state, config=config, family=family, choice=choices[part],
-                                     release=release)
+                                     release=release, path=path)
     del state
     for part, model in parts.items():
         if isinstance(model, torch.nn.Module):

@@ -142,8 +142,8 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
         why = f"bf16: this CPU has {units} units, so bf16 matmuls run several times faster than fp32"
         choices = {c: Choice("cpu", "bfloat16", why) for c in ("unet", "text_encoder")}
         choices["vae"] = Choice("cpu", "bfloat16", f"bf16 VAE: decoding runs several times faster on {units}; bf16 keeps "
-                                "fp32's range, so no NaN (fp16's problem), and `python -m sdkit bench` checks the "
-                                "pictures against fp32 (PSNR)")
+                                "fp32's range, so no NaN (fp16's problem); `python -m sdkit bench` compares its "
+                                "pictures with fp32 (PSNR). SDKIT_DTYPE=float32 decodes in fp32")
     else:
         why = "fp32: this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 would be emulated and slower"
         choices = {c: Choice("cpu", "float32", why) for c in COMPONENTS}
@@ -188,13 +188,15 @@ def return_free_memory() -> None:
         pass
 
 
-def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5, seconds: float = 0.0) -> float:
-    """Measured GFLOP/s of a size x size matmul in `dtype` on the CPU: the best of at least `repeats` calls, repeated
-    until `seconds` have passed."""
+def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5, seconds: float = 0.0,
+                  shape: tuple[int, int, int] | None = None) -> float:
+    """Measured GFLOP/s of a size x size matmul (or an (m, k, n) `shape`) in `dtype` on the CPU: the best of at least
+    `repeats` calls, repeated until `seconds` have passed."""
     import time
 
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
+    m, k, n = shape or (size, size, size)
+    a = torch.randn(m, k, dtype=getattr(torch, dtype))
+    b = torch.randn(k, n, dtype=getattr(torch, dtype))
     a @ b  # warm-up: first call allocates and picks kernels
     best, began, done = float("inf"), time.perf_counter(), 0
     while done < repeats or time.perf_counter() - began < seconds:
@@ -202,7 +204,7 @@ def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5,
         a @ b
         best = min(best, time.perf_counter() - start)
         done += 1
-    return 2 * size**3 / best / 1e9
+    return 2 * m * k * n / best / 1e9
 
 
 BYTES_PER_PARAMETER = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "fp8": 1.0, "gguf_q4": 0.5625}

@@ -22,7 +22,7 @@ MAX_HEADER = 100 * 2**20
 # safetensors dtype names -> torch dtype names
 DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
           "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-          "BOOL": "bool"}
+          "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool"}
 
 # Where each component's tensors live in the original (LDM / A1111 / ComfyUI) single-file layout.
 COMPONENT_PREFIXES = {
@@ -178,58 +178,84 @@ def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
 
 
 class MappedTensors(dict):
-    """The tensors of a safetensors file as zero-copy views of one read-only memory map (name -> tensor).
+    """The tensors of a safetensors file as zero-copy views of one private memory map (name -> tensor).
 
-    Nothing is read until a tensor is used; `release` hands the pages of a tensor that has been copied back to the
-    OS, so converting a file to another dtype never holds the whole file and the whole result at once.
+    Nothing is read until a tensor is used; `release` hands pages that have been copied back to the OS, so
+    converting a file to another dtype never holds the whole file and the whole result at once. The map is private
+    (copy-on-write): nothing done to these tensors can reach the user's file.
     """
 
     def __init__(self, path: Path) -> None:
         import mmap
+        import warnings
 
         import torch
 
-        specs, _ = read_safetensors_header(path)
+        read_safetensors_header(path)  # clear errors for empty, truncated or foreign files first
         with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: no write can reach the file
-        start = 8 + header_len
-        whole = torch.frombuffer(self._map, dtype=torch.uint8)
-        self._base, self._end = whole.data_ptr(), whole.data_ptr() + len(whole)
-        super().__init__()
-        for name, spec in specs.items():
-            begin, end = header[name]["data_offsets"]
-            dtype = getattr(torch, spec.dtype, None)
-            if dtype is None:
-                raise SdkitError(f"{path}: tensor {name!r} has dtype {spec.dtype}, which PyTorch cannot read.",
-                                 fix="convert the file to fp16 or fp32 with the tool that made it")
-            data = whole[start + begin:start + end]
             try:
-                self[name] = data.view(dtype).view(spec.shape)
-            except RuntimeError:  # empty, or not aligned to its element size (files from other writers): copy it
-                self[name] = data.clone().view(dtype).view(spec.shape)
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except OSError:  # a writable private map counts against memory commit; a read-only one does not
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        (header_len,) = struct.unpack("<Q", self._map[:8])
+        header = json.loads(self._map[8:8 + header_len])  # parsed from the map itself: offsets match what is mapped
+        header.pop("__metadata__", None)
+        start, size = 8 + header_len, len(self._map)
+        super().__init__()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a read-only map makes torch warn that tensors are not writable
+            whole = torch.frombuffer(self._map, dtype=torch.uint8)
+            self._base, self._end = whole.data_ptr(), whole.data_ptr() + len(whole)
+            for name, entry in header.items():
+                self[name] = _mapped(path, name, entry, buffer=self._map, start=start, size=size)
 
-    def release(self, tensor) -> None:
-        """Drop the resident pages behind `tensor` (a view of this map) from memory; it reads back from disk if used."""
+    def release(self, pointer: int, size: int) -> None:
+        """Drop the resident pages of the bytes [pointer, pointer + size) of this map; they read back from disk if used."""
         import mmap
 
-        pointer, size = tensor.data_ptr(), tensor.nbytes
-        if not (self._base <= pointer < self._end) or size == 0:
-            return  # a copy made during conversion, not a view of the file
+        if not (self._base <= pointer < self._end) or size <= 0 or not hasattr(self._map, "madvise"):
+            return  # a copy made during conversion, not part of the file; or an OS without madvise (Windows)
         page = mmap.PAGESIZE
         first = -(-(pointer - self._base) // page) * page  # whole pages only: neighbours may share the edge pages
-        last = (pointer + size - self._base) // page * page
+        last = min(pointer + size, self._end) - self._base
+        last = last // page * page
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
+def _mapped(path: Path, name: str, entry: dict, *, buffer, start: int, size: int):
+    """One tensor of a safetensors file as a view of `buffer`, after checking its entry against the file."""
+    import torch
+
+    dtype = getattr(torch, DTYPES.get(entry.get("dtype"), ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise SdkitError(f"{path}: tensor {name!r} has dtype {entry.get('dtype')!r}, which PyTorch cannot read.",
+                         fix="convert the file to fp16 or fp32 with the tool that made it")
+    shape, (begin, end) = tuple(entry["shape"]), entry["data_offsets"]
+    count = math.prod(shape)
+    if not 0 <= begin <= end or end - begin != count * dtype.itemsize or start + end > size:
+        raise SdkitError(f"{path} is damaged: tensor {name!r} ({entry['dtype']} {list(shape)}) does not fit its bytes "
+                         f"{begin}-{end} in the file.", fix="download the file again")
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    # frombuffer needs no alignment: files whose header is not padded to 8 bytes (older writers) work as they are
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).view(shape)
+
+
 def load_state_dict(path: Path) -> dict:
-    """All tensors of a weight file, memory-mapped (not copied into RAM): a MappedTensors for safetensors."""
+    """All tensors of a weight file, memory-mapped: a MappedTensors for safetensors, torch.load(mmap=True) for
+    zip-format pickles (whose pages stay resident until every tensor is gone); legacy pickles are read into RAM."""
     if file_format(path) == "safetensors":
+        import errno
+
         try:
             return MappedTensors(path)
-        except (ValueError, OSError) as error:
+        except OSError as error:
+            if error.errno == errno.ENOMEM:
+                raise SdkitError(f"{path} could not be memory-mapped: the system is out of memory.",
+                                 fix="close other programs, or use a smaller file") from None
+            raise SdkitError(f"{path} could not be read ({error}).", fix="check the file and download it again") from None
+        except ValueError as error:
             raise SdkitError(f"{path} could not be read ({error}).", fix="download the file again") from None
     return load_pickle(path)
 

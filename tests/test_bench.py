@@ -94,3 +94,9 @@ def test_timing_keeps_median_and_best():
     times = iter([0.0, 3.0, 1.0, 2.0])
     t = bench.seconds(lambda: time.sleep(next(times) / 1000), repeats=3)
     assert t.best <= t.median and t.best > 0.0009
+
+
+def test_peak_is_the_best_seen_over_the_run():
+    peaks = bench.raise_peaks({"float32": 1e9, "bfloat16": 0.0}, window=0.2)
+    assert peaks["float32"] == 1e9 and peaks["bfloat16"] > 0  # never lowered, raised when beaten
+    assert bench.fractions({"sdkit": {"best_gflops": 5e8}}, peaks)["fraction_of_fp32_peak"] == 0.5

@@ -108,6 +108,24 @@ def test_missing_weights_are_reported(tiny_files, tmp_path):
         checkpoints.load(f)
 
 
+def test_weight_of_the_wrong_shape_is_named(tiny_files, tmp_path):
+    state = load_file(tiny_files["sd1"])
+    name = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    state[name] = state[name][:, :, :1, :1].contiguous()  # a 1x1 kernel where the UNet has 3x3
+    f = tmp_path / "mixed.safetensors"
+    save_file(state, str(f))
+    with pytest.raises(SdkitError, match=r"unet weight .*resnets.0.conv1.weight is \[32, 32, 1, 1\].*needs \[32, 32, 3, 3\]"):
+        checkpoints.load(f)
+
+
+def test_loading_does_not_change_the_file(tiny_files, tmp_path):
+    f = tmp_path / "mine.safetensors"
+    shutil.copy(tiny_files["sdxl"], f)
+    before = f.read_bytes()
+    checkpoints.load(f)
+    assert f.read_bytes() == before
+
+
 def test_unsupported_family_is_explained(tmp_path):
     f = tmp_path / "flux.safetensors"
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(6, 2)}, str(f))

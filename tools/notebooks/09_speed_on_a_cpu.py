@@ -49,6 +49,7 @@ code `checkpoints.load` uses. Same inputs, same step. The share of the peak comp
 best GEMM, since on a busy or shared CPU single timings vary.
 #%%
 row = bench.bench_case(bench.Case(f"unet_sd15_{SIZE}", "sd1", "unet", SIZE, 2), peaks=peaks, repeats=REPEATS)
+row |= bench.fractions(row, bench.raise_peaks(peaks))  # measure the peak again: keep the best seen
 times = {"diffusers default (fp32)": row["default"]["seconds"], f"sdkit ({row['sdkit']['dtype']})": row["sdkit"]["seconds"]}
 display(Markdown(
     f"| path | seconds | GFLOP/s | share of the bf16 peak |\n|---|---|---|---|\n"
