@@ -86,7 +86,8 @@ Speed must not cost quality. We make the same images with the course's trained s
 sdkit's path and compare them: PSNR above 30 dB means the difference is invisible.
 #%%
 q = bench.quality()
-print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images PSNR {q['psnr_db']:.1f} dB")
+print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images PSNR {q['psnr_db']:.1f} dB; "
+      f"the VAE alone (same latents, {q['dtypes']['vae']} vs fp32): {q['vae_psnr_db']:.1f} dB")
 #%%
 # md
 ## What to take away
