@@ -219,14 +219,16 @@ def fractions(row: dict, peaks: dict[str, float]) -> dict:
             "fraction_of_fp32_peak": round(best / peaks["float32"], 3)}
 
 
-def bench_case(case: Case, *, peaks: dict[str, float], repeats: int) -> dict:
-    """Both paths of one case: seconds, GFLOP/s, fraction of peak, peak RSS, speed-up and numeric difference."""
+def bench_case(case: Case, *, peaks: dict[str, float], repeats: int, profile: bool = False) -> dict:
+    """Both paths of one case: seconds, GFLOP/s, fraction of peak, peak RSS, speed-up and numeric difference
+    (and with `profile`, the `breakdown` of sdkit's path by operator kind)."""
     choice = device.choose(device.report())[_part(case)]
     gflop = count_gflop(case)
     model = build(case).eval().requires_grad_(False)
     theirs, reference = run(model, case, dtype=torch.float32, where="cpu", repeats=repeats)
     model = prepare(model, part=_part(case), choice=choice)
     ours, output = run(model, case, dtype=choice.torch_dtype, where=choice.device, repeats=repeats)
+    kinds = {"breakdown": breakdown(case, model=model)} if profile else {}
     del model
     for row in (theirs, ours):
         row["gflops"] = round(gflop / row["seconds"], 1)
@@ -238,7 +240,7 @@ def bench_case(case: Case, *, peaks: dict[str, float], repeats: int) -> dict:
         "speedup_vs_default": round(theirs["seconds"] / ours["seconds"], 2),  # median vs median
         **fractions({"sdkit": ours}, peaks),
         "relative_error_vs_fp32": round(relative_error(output, reference), 5),
-    }
+    } | kinds
 
 
 # What each profiled operator is, for `breakdown`. Everything else (norms, activations, adds, copies) is "other".
@@ -260,8 +262,11 @@ def _flop_kind(op: str) -> str:
     return "matmul" if "mm" in op else "other"
 
 
-def breakdown(case: Case) -> dict:
-    """Where one call of sdkit's path spends its time, by kind of operator: seconds, share, GFLOP and GFLOP/s."""
+def breakdown(case: Case, *, model: torch.nn.Module | None = None) -> dict:
+    """Where one call of sdkit's path spends its time, by kind of operator: seconds, share, GFLOP and GFLOP/s.
+
+    `model` is the part already on sdkit's path and warmed up (as `bench_case` has it); else one is built.
+    """
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -273,10 +278,11 @@ def breakdown(case: Case) -> dict:
     for op, flops in counter.get_flop_counts()["Global"].items():
         gflop[_flop_kind(str(op))] += flops / 1e9
     choice = device.choose(device.report())[_part(case)]
-    model = prepare(build(case, dtype=choice.torch_dtype), part=_part(case), choice=choice)
     args = inputs(case, dtype=choice.torch_dtype, where=choice.device)
     with torch.inference_mode():
-        model(**args)
+        if model is None:
+            model = prepare(build(case, dtype=choice.torch_dtype), part=_part(case), choice=choice)
+            model(**args)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model(**args)
     spent = {kind: 0.0 for kind in gflop}
@@ -452,15 +458,14 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
     result: dict = {"machine": {"cpu": report.cpu, "cores": report.cores, "threads": torch.get_num_threads(),
                                 "isa": report.isa, "accelerator": report.accelerator, "torch": report.torch_version},
                     "quick": quick}
-    peaks = {dtype: round(gemm_peak(dtype=dtype, window=2.0 if quick else 5.0), 1) for dtype in ("float32", "bfloat16")}
+    peaks = {dtype: round(gemm_peak(dtype=dtype, window=1.0 if quick else 5.0), 1) for dtype in ("float32", "bfloat16")}
     names = QUICK if quick else tuple(CASES)
     for name in tqdm(names, desc="parts", disable=not progress):
-        result[name] = bench_case(CASES[name], peaks=peaks, repeats=1 if quick else 3)
-        raise_peaks(peaks, window=1.0 if quick else 2.0)  # a slow spell at the start must not lower the peak
+        result[name] = bench_case(CASES[name], peaks=peaks, repeats=1 if quick else 3, profile=name == "unet_sd15_512")
+        raise_peaks(peaks, window=0.5 if quick else 2.0)  # a slow spell at the start must not lower the peak
     result["gemm_peak_gflops"] = peaks
     for name in names:
         result[name] |= fractions(result[name], peaks)
-    result["unet_sd15_512"]["breakdown"] = breakdown(CASES["unet_sd15_512"])
     growth = [n for n in names if n.startswith("unet_sd15_")]
     if len(growth) > 1:
         base = result["unet_sd15_512"]

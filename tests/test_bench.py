@@ -100,3 +100,8 @@ def test_peak_is_the_best_seen_over_the_run():
     peaks = bench.raise_peaks({"float32": 1e9, "bfloat16": 0.0}, window=0.2)
     assert peaks["float32"] == 1e9 and peaks["bfloat16"] > 0  # never lowered, raised when beaten
     assert bench.fractions({"sdkit": {"best_gflops": 5e8}}, peaks)["fraction_of_fp32_peak"] == 0.5
+
+
+def test_bench_case_can_profile_the_part_it_timed():
+    row = bench.bench_case(TINY, peaks={"float32": 100.0, "bfloat16": 400.0}, repeats=1, profile=True)
+    assert sum(p["share"] for p in row["breakdown"].values()) == pytest.approx(1.0, abs=0.01)

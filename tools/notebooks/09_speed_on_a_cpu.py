@@ -48,7 +48,8 @@ picked for this machine (bf16 where the CPU has bf16 units, channels-last memory
 code `checkpoints.load` uses. Same inputs, same step. The share of the peak compares the best timed call with the
 best GEMM, since on a busy or shared CPU single timings vary.
 #%%
-row = bench.bench_case(bench.Case(f"unet_sd15_{SIZE}", "sd1", "unet", SIZE, 2), peaks=peaks, repeats=REPEATS)
+case = bench.Case(f"unet_sd15_{SIZE}", "sd1", "unet", SIZE, 2)
+row = bench.bench_case(case, peaks=peaks, repeats=REPEATS, profile=True)
 row |= bench.fractions(row, bench.raise_peaks(peaks))  # measure the peak again: keep the best seen
 times = {"diffusers default (fp32)": row["default"]["seconds"], f"sdkit ({row['sdkit']['dtype']})": row["sdkit"]["seconds"]}
 display(Markdown(
@@ -68,8 +69,7 @@ which kinds reach the peak and which do not. Convolutions and linear layers are 
 multiplies too, but it also takes an exponential of every score (the softmax), and AMX units cannot do
 exponentials. "Other" is norms, activations and additions: no multiplications at all, only memory traffic.
 #%%
-case = bench.Case(f"unet_sd15_{SIZE}", "sd1", "unet", SIZE, 2)
-parts = bench.breakdown(case)
+parts = row["breakdown"]  # profiled during the timing above
 display(Markdown("| kind | share of the step | GFLOP | GFLOP/s |\n|---|---|---|---|\n" + "\n".join(
     f"| {kind} | {p['share']:.0%} | {p['gflop']:.0f} | {p['gflops'] or 0:.0f} |".replace("| 0 | 0 |", "| none | - |")
     for kind, p in parts.items())))
