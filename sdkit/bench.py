@@ -19,7 +19,6 @@ import torch
 
 from sdkit import device
 from sdkit.checkpoints import CONFIGS, from_shipped_config
-from sdkit.device import Choice
 from sdkit.optimize import describe, prepare
 
 # The text-encoder / latent widths of each family, for building inputs.
