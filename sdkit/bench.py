@@ -111,8 +111,8 @@ def _to(value, *, dtype: torch.dtype, where: str):
     return value.to(where) if isinstance(value, torch.Tensor) else value
 
 
-def count_gflop(case: Case) -> float:
-    """GFLOP of one call, counted by FlopCounterMode on the meta device (no memory, no arithmetic)."""
+def gflop_by_op(case: Case) -> dict[str, float]:
+    """GFLOP of one call per operator, counted by FlopCounterMode on the meta device (no memory, no arithmetic)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
@@ -120,7 +120,12 @@ def count_gflop(case: Case) -> float:
     args = inputs(case, dtype=torch.float32, where="meta")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(**args)
-    return counter.get_total_flops() / 1e9
+    return {str(op): flops / 1e9 for op, flops in counter.get_flop_counts()["Global"].items()}
+
+
+def count_gflop(case: Case) -> float:
+    """GFLOP of one call, counted (not guessed): the sum of `gflop_by_op`."""
+    return sum(gflop_by_op(case).values())
 
 
 def _peak_reset() -> None:
@@ -267,15 +272,10 @@ def breakdown(case: Case, *, model: torch.nn.Module | None = None) -> dict:
     `model` is the part already on sdkit's path and warmed up (as `bench_case` has it); else one is built.
     """
     from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.device("meta"):
-        meta = build(case).eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        meta(**inputs(case, dtype=torch.float32, where="meta"))
     gflop = {kind: 0.0 for kind in (*KINDS, "other")}
-    for op, flops in counter.get_flop_counts()["Global"].items():
-        gflop[_flop_kind(str(op))] += flops / 1e9
+    for op, amount in gflop_by_op(case).items():
+        gflop[_flop_kind(op)] += amount
     choice = device.choose(device.report())[_part(case)]
     args = inputs(case, dtype=choice.torch_dtype, where=choice.device)
     with torch.inference_mode():

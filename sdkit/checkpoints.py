@@ -76,15 +76,12 @@ def _check_complete(specs: dict, *, path: Path, family: str) -> None:
                          f"with 4-channel UNets.", fix="use the text-to-image version of this checkpoint")
 
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def memory_needed_gib(specs: dict[str, formats.TensorSpec], choices: dict[str, device.Choice]) -> float:
     """GiB the weights take once loaded in the chosen dtypes (counted from the file's tensor shapes)."""
     total = 0.0
     for name, spec in specs.items():
         part = next((c for c, prefixes in formats.COMPONENT_PREFIXES.items() if name.startswith(prefixes)), "unet")
-        total += spec.numel * BYTES[choices[device.component_of(part)].dtype]
+        total += spec.numel * device.BYTES_PER_PARAMETER[choices[device.component_of(part)].dtype]
     return total / 2**30
 
 
