@@ -181,10 +181,27 @@ def decode(pipe, latents):
     return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
 
 
-def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cancel=None) -> list:
+def _capture_denoised(scheduler, seen: dict) -> None:
+    """Record each step's estimate of the final latents (x0), for previews; schedulers that give none leave None."""
+    import functools
+
+    step = scheduler.step
+
+    @functools.wraps(step)  # keeps step's signature: pipelines look in it for `eta` and `generator`
+    def recording(*args, **kwargs):
+        out = step(*args, **kwargs)
+        x0 = out[1] if isinstance(out, tuple) and len(out) > 1 else getattr(out, "pred_original_sample", None)
+        seen["denoised"] = getattr(out, "denoised", None) if x0 is None and not isinstance(out, tuple) else x0
+        return out
+
+    scheduler.step = recording
+
+
+def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cancel=None, on_step=None) -> list:
     """Make `settings.batch_size` images (seeds seed, seed+1, ...); each carries its settings as `.sdkit_settings`.
 
     `cancel` is a callable (or threading.Event) checked between steps; when it is set, `Cancelled` is raised.
+    `on_step(done, total, latents, denoised)` is called after every step (denoised: the step's x0 estimate or None).
     """
     import torch
     from tqdm.auto import tqdm
@@ -212,12 +229,17 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
     for index in range(settings.batch_size):
         image_seed = seed + index
         pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
+        seen: dict = {}
+        if on_step is not None:
+            _capture_denoised(pipe.scheduler, seen)
         bar = tqdm(total=settings.steps, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
                    disable=not progress, leave=False)
 
-        def on_step(_pipe, step, _t, tensors):
+        def after_step(_pipe, step, _t, tensors):
             bar.n = min(settings.steps, round((step + 1) * settings.steps / len(_pipe.scheduler.timesteps)))
             bar.refresh()
+            if on_step is not None:
+                on_step(bar.n, settings.steps, tensors["latents"], seen.get("denoised"))
             if is_set():
                 raise Cancelled(f"Generation cancelled after step {bar.n} of {settings.steps}.", fix="run it again")
             return tensors
@@ -228,7 +250,7 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
             with torch.inference_mode():
                 latents = pipe(**prompt_args, num_inference_steps=settings.steps, guidance_scale=settings.cfg,
                                width=settings.width, height=settings.height, generator=generator,
-                               output_type="latent", callback_on_step_end=on_step).images
+                               output_type="latent", callback_on_step_end=after_step).images
         finally:
             bar.close()
         # 4. Decode with the VAE, and label the image with exactly what made it.

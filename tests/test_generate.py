@@ -129,3 +129,19 @@ def test_prompt_embeddings_are_cached_until_the_text_encoder_changes(tiny_files)
         assert len(calls) == 4 and not np.array_equal(pixels(first), pixels(changed))
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "lcm", "dpmpp_sde"])
+def test_step_hook_sees_every_step_and_changes_nothing(sd1, sampler):
+    settings = FAST.replace(sampler=sampler, steps=4)
+    seen = []
+    hooked = generate(sd1, settings, progress=False,
+                      on_step=lambda done, total, latents, x0: seen.append((done, total, latents.shape, x0 is None)))[0]
+    plain = generate(sd1, settings, progress=False)[0]
+    assert np.array_equal(pixels(hooked), pixels(plain)), "the hook must not change the random draws"
+    done = [s[0] for s in seen]
+    assert done == sorted(done) and seen[-1][:2] == (4, 4) and all(s[1] == 4 for s in seen)
+    if sampler != "dpmpp_sde":  # a second-order sampler calls the model twice per step
+        assert done == [1, 2, 3, 4]
+    assert seen[0][2] == (1, 4, 16, 16)
+    assert seen[0][3] is (sampler == "dpmpp_2m"), "x0 comes from the schedulers that give it"

@@ -1,0 +1,557 @@
+"""The panel: controls built from GenerationSettings, Generate/Cancel off the main thread, live preview, a gallery,
+and the control groups that lessons (LoRAs, embeddings, VAE, ControlNet, upscalers) plug in.
+
+    panel = widgets.Panel("shapes-v1")            # display it as a cell's last line
+    panel = widgets.Panel("shapes-v1", groups=[compare.CompareGroup()])
+
+A lesson adds its controls by subclassing `ControlGroup` (below); nothing here changes for a new concept.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import ipywidgets as w
+from PIL import Image
+
+from sdkit.errors import SdkitError
+from sdkit.generate import Cancelled, GenerationSettings, sampler_names
+
+DEBOUNCE_S = 0.1  # auto-run waits this long after the last change: a burst of changes makes one run
+GALLERY_SIZE = 8
+PREVIEW_EVERY_S = 0.15  # at most ~7 previews a second: each costs a PNG encode and a message to the browser
+DISPLAY_PX = 256  # the main image is shown at least this wide (shapes-world pictures are 64 px)
+
+
+# --- the extension point ---------------------------------------------------------------------------
+
+
+class ControlGroup:
+    """A lesson's controls in the panel: subclass it, build the widgets, and say what they do to a run.
+
+    The panel shows `widgets` under `title` and re-renders (with auto-run on) when one of them changes. For every
+    run it calls, in order: `update(settings)` to write this group's part of the settings; `variants(settings)` to
+    turn one run into several (a side-by-side comparison); `prepare(pipe, settings)`, in the worker thread, before
+    each image (load a LoRA, swap a VAE); and `compose(images, settings)` to make the picture shown. "Use these
+    settings" calls `show(settings)` to put an earlier image's values back into the controls.
+    """
+
+    title: str = ""
+    widgets: list[w.Widget]  # set by the subclass, usually in __init__
+
+    def update(self, settings: GenerationSettings) -> GenerationSettings:
+        """settings with this group's part written in (fields or `extra`)."""
+        return settings
+
+    def variants(self, settings: GenerationSettings) -> list[GenerationSettings]:
+        """The runs one press of Generate makes; most groups leave it at one."""
+        return [settings]
+
+    def prepare(self, pipe, settings: GenerationSettings) -> None:
+        """Apply this group to the pipeline before an image is made (runs in the worker thread)."""
+
+    def compose(self, images: list[Image.Image], settings: list[GenerationSettings]) -> Image.Image | None:
+        """The picture to show for a run of several images, or None to leave it to another group (or the last image)."""
+        return None
+
+    def show(self, settings: GenerationSettings) -> None:
+        """Set this group's controls from settings (an earlier image's)."""
+
+
+# --- which control shows which field ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranges:
+    """Sensible slider ranges for one model family, and whether moving a slider re-renders by itself."""
+
+    size: tuple[int, int, int]  # min, max, step
+    steps: tuple[int, int] = (1, 150)  # A1111's range
+    cfg: tuple[float, float, float] = (1.0, 20.0, 0.5)
+    auto_run: bool = False  # on only where a run takes well under a second
+
+
+RANGES: dict[str, Ranges] = {
+    "shapes": Ranges(size=(32, 128, 8), auto_run=True),
+    "sd1": Ranges(size=(256, 1024, 64)),
+    "sd2": Ranges(size=(256, 1024, 64)),
+    "sdxl": Ranges(size=(512, 2048, 64)),
+}
+
+
+def _sampler_options() -> list[tuple[str, str]]:
+    """(A1111's name, sdkit's name) for each sampler; the Karras variants are the Schedule control's job."""
+    from sdkit.metadata import A1111_SAMPLER_NAMES
+
+    return [(A1111_SAMPLER_NAMES.get(n, n), n) for n in sampler_names() if not n.endswith("_karras")]
+
+
+def _slider(cls, description: str, low, high, step=1) -> w.Widget:
+    return cls(description=description, min=low, max=high, step=step, continuous_update=False,
+               style={"description_width": "80px"}, layout=w.Layout(width="420px"))
+
+
+# GenerationSettings field -> the control that shows it: the one place where a field meets a widget.
+CONTROLS: dict[str, Callable[[Ranges], w.ValueWidget]] = {
+    "model": lambda r: w.Dropdown(description="Model", options=[], layout=w.Layout(width="420px")),
+    "prompt": lambda r: w.Textarea(description="Prompt", rows=2, continuous_update=False,
+                                   placeholder="say exactly what you want", layout=w.Layout(width="640px")),
+    "negative_prompt": lambda r: w.Textarea(description="Negative", rows=1, continuous_update=False,
+                                            placeholder="what you do not want", layout=w.Layout(width="640px")),
+    "seed": lambda r: w.BoundedIntText(description="Seed", min=-1, max=2**32 - 1, continuous_update=False,
+                                       layout=w.Layout(width="220px")),
+    "steps": lambda r: _slider(w.IntSlider, "Steps", *r.steps),
+    "cfg": lambda r: _slider(w.FloatSlider, "CFG", *r.cfg),
+    "sampler": lambda r: w.Dropdown(description="Sampler", options=_sampler_options()),
+    "scheduler": lambda r: w.Dropdown(description="Schedule", options=[("Automatic", "normal"), ("Karras", "karras")]),
+    "width": lambda r: _slider(w.IntSlider, "Width", *r.size),
+    "height": lambda r: _slider(w.IntSlider, "Height", *r.size),
+    "clip_skip": lambda r: _slider(w.IntSlider, "CLIP skip", 1, 4),
+}
+# batch_size and extra have no control: the gallery collects images one run at a time, groups write `extra`.
+
+
+def _apply_ranges(controls: dict[str, w.Widget], ranges: Ranges) -> None:
+    """Give the size/steps/CFG sliders a family's ranges."""
+    for name, (low, high, *step) in (("width", ranges.size), ("height", ranges.size), ("steps", ranges.steps),
+                                     ("cfg", ranges.cfg)):
+        control = controls[name]
+        control.min, control.max = min(low, control.min), max(high, control.max)  # never an empty range in between
+        control.min, control.max = low, high
+        if step:
+            control.step = step[0]
+
+
+def png(image: Image.Image, *, min_px: int = 0) -> bytes:
+    """image as PNG bytes, scaled up by a whole factor (pixels stay sharp) to at least min_px wide."""
+    factor = max(1, -(-min_px // image.width)) if min_px else 1
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def one_line(error: BaseException) -> str:
+    """The message a learner sees for an error: an SdkitError's message and fix, or one line for anything else."""
+    if isinstance(error, SdkitError):
+        return f"{error.message} Fix: {error.fix}" if error.fix else error.message
+    first = (str(error).strip().splitlines() or [""])[0]
+    return (f"{type(error).__name__}: {first[:300]} (unexpected: the panel still works; panel.last_error has the "
+            f"details for a bug report)")
+
+
+@dataclass
+class Shot:
+    """One image in the gallery, with exactly what made it."""
+
+    image: Image.Image
+    settings: GenerationSettings
+    parameters: str
+    model_hash: str
+    thumbnail: w.Widget | None = None
+
+
+# --- the panel -------------------------------------------------------------------------------------
+
+
+class Panel:
+    """Prompt, seed, sliders, Generate/Cancel, progress, live preview and a gallery, for one model at a time."""
+
+    def __init__(self, model="shapes-v1", *, groups: list[ControlGroup] = (), settings: GenerationSettings | None = None,
+                 root: str | Path | None = None, auto_run: bool | None = None, preview: bool = True,
+                 out_dir: str | Path = "outputs") -> None:
+        from sdkit.paths import ModelPaths
+
+        self.groups = list(groups)
+        self.root, self.out_dir = root, Path(out_dir)
+        self.pipe, self.family = None, "sd1"
+        self.gallery: list[Shot] = []
+        self.last_error: str = ""  # the full traceback of the last unexpected error
+        self.last_shown_at = 0.0  # perf_counter() when the last finished image was put on screen
+        self._lock = threading.Lock()
+        self._pending: tuple | None = None
+        self._worker: threading.Thread | None = None
+        self._wake = threading.Condition(self._lock)
+        self._running = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._cancel = threading.Event()
+        self._timer: threading.Timer | None = None
+        self._quiet = 0  # >0 while the panel itself sets controls: no auto-run for those changes
+
+        self.controls = {name: make(RANGES["sd1"]) for name, make in CONTROLS.items()}
+        names = ModelPaths.from_root(root).list("checkpoints")
+        if not isinstance(model, (str, Path)):  # a pipeline loaded by the caller
+            self.pipe = model
+            info = getattr(model, "sdkit", None)
+            self.family = info.family if info else ("sdxl" if hasattr(model, "text_encoder_2") else "sd1")
+            model = info.name if info else "(in memory)"
+        model = next((n for n in names if Path(n).stem == Path(model).stem), str(model))
+        self.controls["model"].options = names if model in names else [model] + names
+        self.auto_run = w.Checkbox(description="auto-run", indent=False, layout=w.Layout(width="100px"),
+                                   tooltip="re-render by itself when a control changes")
+        self.preview = w.Checkbox(value=preview, description="live preview", indent=False,
+                                  layout=w.Layout(width="120px"), tooltip="show the picture while it denoises")
+        self.dice = w.Button(description="🎲", tooltip="a new random seed", layout=w.Layout(width="40px"))
+        self.seed_used = w.HTML()
+        self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
+        self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True)
+        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="300px"))
+        self.progress_text = w.Label("")
+        self.status = w.HTML("")
+        self.image = w.Image(format="png", layout=w.Layout(min_width=f"{DISPLAY_PX}px"))
+        self.gallery_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
+        self._classes()
+
+        self._quiet += 1
+        self.controls["model"].value = model
+        self._set_model_controls(self.family if self.pipe is not None else self._family_of(model))
+        self.show(settings or GenerationSettings(prompt="a red circle on a white background", steps=20, seed=1,
+                                                 width=self.controls["width"].value,
+                                                 height=self.controls["height"].value))
+        if auto_run is not None:
+            self.auto_run.value = auto_run
+        self._quiet -= 1
+
+        self.dice.on_click(lambda _: setattr(self.controls["seed"], "value", random.randrange(2**32)))
+        self.generate_button.on_click(lambda _: self.generate())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        for name, control in self.controls.items():
+            control.observe(self._model_changed if name == "model" else self._changed, names="value")
+        for group in self.groups:
+            for control in group.widgets:
+                if hasattr(control, "value"):
+                    control.observe(self._changed, names="value")
+        self.box = self._layout()
+
+    # --- building -----------------------------------------------------------------------------------
+
+    def _classes(self) -> None:
+        """CSS classes, so a browser test (or a stylesheet) finds each part."""
+        for name, control in self.controls.items():
+            control.add_class(f"sdkit-{name.replace('_', '-')}")
+        for name in ("auto_run", "preview", "dice", "seed_used", "generate_button", "cancel_button", "progress",
+                     "progress_text", "status", "image", "gallery_box"):
+            getattr(self, name).add_class("sdkit-" + name.replace("_button", "").replace("_box", "").replace("_", "-"))
+
+    def _layout(self) -> w.VBox:
+        """The controls in the order a learner reads them."""
+        c = self.controls
+        rows = [w.HBox([c["model"], self.auto_run, self.preview]), c["prompt"], c["negative_prompt"],
+                w.HBox([c["seed"], self.dice, self.seed_used]),
+                w.HBox([w.VBox([c["steps"], c["cfg"], c["clip_skip"]]), w.VBox([c["sampler"], c["scheduler"]])]),
+                w.HBox([c["width"], c["height"]])]
+        if self.groups:
+            extras = w.Accordion(children=[w.VBox(g.widgets) for g in self.groups],
+                                 titles=tuple(g.title or type(g).__name__ for g in self.groups))
+            rows.append(extras)
+        rows += [w.HBox([self.generate_button, self.cancel_button, self.progress, self.progress_text]), self.status,
+                 self.image, w.HTML("<b>Gallery</b> (newest first)"), self.gallery_box]
+        box = w.VBox(rows)
+        box.add_class("sdkit-panel")
+        return box
+
+    def _repr_mimebundle_(self, **kwargs):
+        """Show the panel when it is a cell's value."""
+        return self.box._repr_mimebundle_(**kwargs)
+
+    # --- settings in and out ------------------------------------------------------------------------
+
+    def settings(self) -> GenerationSettings:
+        """The settings the controls show now, with every group's part written in."""
+        values = {name: control.value for name, control in self.controls.items()}
+        values["model"] = Path(values["model"] or "").stem
+        settings = GenerationSettings(**values)
+        for group in self.groups:
+            settings = group.update(settings)
+        return settings
+
+    def show(self, settings: GenerationSettings) -> None:
+        """Put settings into the controls (the gallery's "use these settings"); one re-render if auto-run is on."""
+        self._quiet += 1
+        try:
+            wanted = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name in self.controls}
+            model = self._option_for(wanted.pop("model"))
+            if model and model != self.controls["model"].value:
+                self.controls["model"].value = model
+                self._set_model_controls(self._family_of(model))
+            for name, value in wanted.items():
+                control = self.controls[name]
+                if hasattr(control, "max"):
+                    value = min(max(value, control.min), control.max)
+                control.value = value
+            for group in self.groups:
+                group.show(settings)
+        finally:
+            self._quiet -= 1
+        self._changed(None)
+
+    def _option_for(self, model: str) -> str | None:
+        """The model dropdown's entry for a settings' model name (A1111 writes it without folder or extension)."""
+        for option in self.controls["model"].options:
+            if model and (option == model or Path(option).stem == Path(model).stem):
+                return option
+        return None
+
+    def _family_of(self, name: str) -> str:
+        """The family of a model in the folders, read from its tensor names only (no load)."""
+        from sdkit import formats
+        from sdkit.paths import ModelPaths
+
+        try:
+            specs, metadata = formats.read_specs(ModelPaths.from_root(self.root).find("checkpoints", name))
+            return formats.detect_family(specs, metadata)
+        except SdkitError:
+            return "sd1"  # the load will say what is wrong with the file
+
+    def _set_model_controls(self, family: str) -> None:
+        """Ranges, native size and auto-run default for a model family."""
+        from sdkit.formats import NATIVE_SIZE
+
+        ranges = RANGES.get(family, RANGES["sd1"])
+        self.family = family
+        self._quiet += 1
+        try:
+            _apply_ranges(self.controls, ranges)
+            native = 64 if family == "shapes" else NATIVE_SIZE.get(family, 512)
+            self.controls["width"].value = self.controls["height"].value = native
+            self.auto_run.value = ranges.auto_run
+        finally:
+            self._quiet -= 1
+
+    # --- running ------------------------------------------------------------------------------------
+
+    def _changed(self, _change) -> None:
+        """A control moved: with auto-run on, one run after the changes stop for DEBOUNCE_S."""
+        if self._quiet or not self.auto_run.value:
+            return
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._idle.clear()  # wait() covers the run this change is about to start
+            self._timer = threading.Timer(DEBOUNCE_S, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        """The debounce timer ran out: start the run."""
+        with self._lock:
+            self._timer = None
+        self.generate()
+
+    def _model_changed(self, change) -> None:
+        """Another model picked: its ranges now, its weights loaded in the background."""
+        if self._quiet:
+            return
+        self._set_model_controls(self._family_of(change["new"]))
+        self._submit(None if not self.auto_run.value else self.settings())
+
+    def generate(self, *, wait: bool = False) -> None:
+        """Start a run with the controls' settings; a run in progress is cancelled first (the newest wins)."""
+        try:
+            settings = self.settings()
+        except SdkitError as error:
+            self.status.value = self._message(one_line(error), "error")
+            self._settle()
+            return
+        self._submit(settings)
+        if wait:
+            self.wait()
+
+    def cancel(self) -> None:
+        """Stop the run in progress after the step it is on; the pipeline stays usable."""
+        with self._lock:
+            self._pending = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        self._cancel.set()
+        self._settle()
+
+    def _settle(self) -> None:
+        """Mark the panel idle if nothing runs or waits to run."""
+        with self._lock:
+            if self._timer is None and self._pending is None and not self._running:
+                self._idle.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no run is in progress or queued; False if `timeout` seconds passed first."""
+        return self._idle.wait(timeout)
+
+    def _submit(self, settings: GenerationSettings | None) -> None:
+        """Queue a run (None: just load the chosen model) and make sure the worker thread is going."""
+        with self._lock:
+            self._pending = (settings, self.controls["model"].value, self.preview.value, time.perf_counter())
+            self._idle.clear()
+            self._cancel.set()  # the run in progress (if any) stops at its next step
+            if self._worker is None:
+                # One long-lived thread: a new thread per run would also build a new OpenMP thread team (~0.1 s).
+                self._worker = threading.Thread(target=self._work, name="sdkit-panel", daemon=True)
+                self._worker.start()
+            self._wake.notify()
+
+    def _work(self) -> None:
+        """The worker thread: run the newest request, then sleep until the next. Widgets are set, never printed to."""
+        while True:
+            with self._lock:
+                while self._pending is None:
+                    if self._timer is None:
+                        self._idle.set()
+                    self._wake.wait()
+                job, self._pending = self._pending, None
+                self._running = True
+                self._cancel.clear()
+            try:
+                self._run(*job)
+            finally:
+                with self._lock:
+                    self._running = False
+
+    def _run(self, settings: GenerationSettings | None, model: str, preview: bool, requested: float) -> None:
+        """Load if needed, then make the images of one request; every outcome ends as one line in the status."""
+        self.generate_button.disabled, self.cancel_button.disabled = True, False
+        self.progress.bar_style = ""
+        started = time.perf_counter()
+        try:
+            pipe = self._load(model)
+            if settings is None:
+                self.status.value = self._message(f"{model} is loaded.", "info")
+                return
+            self._make(pipe, settings, preview=preview)
+            self.status.value = self._message(
+                f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - requested:.2f} s since the "
+                f"change).", "info")
+        except Cancelled:
+            self.progress.bar_style = "warning"
+            self.status.value = self._message(f"Cancelled after step {self.progress.value} of {self.progress.max}; "
+                                              f"press Generate to run again.", "info")
+        except Exception as error:  # noqa: BLE001 - anything from a run becomes one line; the panel keeps working
+            if not isinstance(error, SdkitError):
+                self.last_error = traceback.format_exc()
+            self.progress.bar_style = "danger"
+            self.status.value = self._message(one_line(error), "error")
+        finally:
+            self.generate_button.disabled, self.cancel_button.disabled = False, True
+
+    def _load(self, model: str):
+        """The pipeline for the model chosen (loaded once; checkpoints.load caches the last one)."""
+        if self.pipe is not None and getattr(self.pipe, "sdkit", None) is None:
+            return self.pipe  # an in-memory pipeline given by the caller
+        if self.pipe is not None and self.pipe.sdkit.name == Path(model).name:
+            return self.pipe
+        from sdkit import checkpoints
+
+        self.status.value = self._message(f"Loading {model} …", "info")
+        self.pipe = None  # let the old one go before the new one is built
+        self.pipe = checkpoints.load(model, root=self.root)
+        self.family = self.pipe.sdkit.family
+        return self.pipe
+
+    def _make(self, pipe, settings: GenerationSettings, *, preview: bool) -> None:
+        """Generate every variant of the settings, show the picture and add each image to the gallery."""
+        from sdkit.generate import generate
+
+        runs = [settings]
+        for group in self.groups:
+            runs = [variant for run in runs for variant in group.variants(run)]
+        total = sum(run.steps for run in runs)
+        self.progress.max, self.progress.value = total, 0
+        self.progress_text.value = f"0/{total}"
+        done_before, last_preview = 0, [0.0]
+
+        def on_step(done: int, steps: int, latents, denoised) -> None:
+            self.progress.value = done_before + done
+            self.progress_text.value = f"{done_before + done}/{total}"
+            now = time.perf_counter()
+            if preview and done < steps and now - last_preview[0] > PREVIEW_EVERY_S:
+                from sdkit import preview as previews
+
+                picture = previews.to_image(latents if denoised is None else denoised, pipe.vae)
+                self.image.value = png(picture, min_px=DISPLAY_PX)
+                last_preview[0] = now
+
+        images, made = [], []
+        for run in runs:
+            for group in self.groups:
+                group.prepare(pipe, run)
+            image = generate(pipe, run, progress=False, cancel=self._cancel, on_step=on_step)[0]
+            done_before += run.steps
+            images.append(image)
+            made.append(image.sdkit_settings)
+        shown = next((p for g in self.groups if (p := g.compose(images, made)) is not None), images[-1])
+        self.image.value = png(shown, min_px=DISPLAY_PX)
+        self.last_shown_at = time.perf_counter()
+        self.progress.value = total
+        self.progress_text.value = f"{total}/{total}"
+        self.progress.bar_style = "success"
+        self.seed_used.value = f"seed used: <b>{made[-1].seed}</b>" if settings.seed == -1 else ""
+        for image, used in zip(images, made):
+            self._add_to_gallery(image, used, model_hash=getattr(getattr(pipe, "sdkit", None), "autov2", ""))
+
+    # --- gallery ------------------------------------------------------------------------------------
+
+    def _add_to_gallery(self, image: Image.Image, settings: GenerationSettings, *, model_hash: str) -> None:
+        """Put an image first in the gallery, with its parameters text, Use and Save."""
+        from sdkit.metadata import format_parameters
+
+        shot = Shot(image=image, settings=settings, model_hash=model_hash,
+                    parameters=format_parameters(settings, model_hash=model_hash))
+        self.gallery = [shot] + self.gallery[: GALLERY_SIZE - 1]
+        shot.thumbnail = self._thumbnail(shot)
+        self.gallery_box.children = [s.thumbnail for s in self.gallery]
+
+    def _thumbnail(self, shot: Shot) -> w.Widget:
+        """One gallery entry."""
+        small = shot.image.copy()
+        small.thumbnail((192, 192))
+        picture = w.Image(value=png(small, min_px=96), format="png", layout=w.Layout(width="96px"))
+        text = w.HTML(f"<details><summary>seed {shot.settings.seed}</summary><pre style='white-space:pre-wrap;"
+                      f"font-size:11px;max-width:230px'>{html.escape(shot.parameters)}</pre></details>")
+        use = w.Button(description="Use", tooltip="put these settings back into the controls",
+                       layout=w.Layout(width="56px"))
+        save = w.Button(description="Save", tooltip=f"save as a numbered PNG with its settings in {self.out_dir}/",
+                        layout=w.Layout(width="56px"))
+        use.on_click(lambda _: self.show(shot.settings))
+        save.on_click(lambda _: self.save(shot))
+        use.add_class("sdkit-use")
+        save.add_class("sdkit-save")
+        item = w.VBox([picture, text, w.HBox([use, save])], layout=w.Layout(margin="0 8px 8px 0"))
+        item.add_class("sdkit-gallery-item")
+        return item
+
+    def save(self, shot: Shot | None = None) -> Path | None:
+        """Save an image (the newest by default) as a numbered PNG with its settings; never overwrites."""
+        from sdkit.metadata import save_image
+
+        shot = shot or (self.gallery[0] if self.gallery else None)
+        if shot is None:
+            self.status.value = self._message("Nothing to save yet.", "error")
+            return None
+        try:
+            path = save_image(shot.image, settings=shot.settings, out_dir=self.out_dir, model_hash=shot.model_hash)
+        except SdkitError as error:
+            self.status.value = self._message(one_line(error), "error")
+            return None
+        self.status.value = self._message(f"Saved {path}", "info")
+        return path
+
+    @staticmethod
+    def _message(text: str, kind: str) -> str:
+        """One line of status HTML."""
+        colour = {"error": "#b00020", "info": "inherit"}[kind]
+        mark = "⚠ " if kind == "error" else ""
+        return f"<span class='sdkit-{kind}' style='color:{colour}'>{mark}{html.escape(text)}</span>"
+
+
+def panel(model="shapes-v1", **kwargs) -> Panel:
+    """A Panel on a model name (from the model folders) or a loaded pipeline."""
+    return Panel(model, **kwargs)
