@@ -17,14 +17,17 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: lab test install clean-venv
+.PHONY: lab test browser-test notebooks install clean-venv
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml tools/jupyterlab/overrides.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -r requirements.txt -e .
+	@# The course's JupyterLab settings: no news or update pop-ups on first start.
+	mkdir -p $(VENV)/share/jupyter/lab/settings
+	cp tools/jupyterlab/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	@touch $@
 
 lab: $(STAMP)
@@ -36,3 +39,15 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# JupyterLab in a real browser (Debian's chromium driven by playwright): notebook 01 run, then its panel used.
+browser-test: $(STAMP)
+	@command -v chromium >/dev/null || test -x "$${CHROMIUM:-/usr/bin/chromium}" || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "browser-test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi; }
+	$(PY) -m pip install --quiet -r requirements-browser.txt
+	HF_HUB_OFFLINE=1 $(PY) -m pytest browser -p no:cacheprovider -s
+
+# Rewrite notebooks/ from tools/notebooks/*.py, running each one so the saved notebooks carry their pictures.
+notebooks: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) tools/build_notebooks.py --execute

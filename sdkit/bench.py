@@ -354,6 +354,34 @@ def end_to_end(recipe: Run) -> dict:
             "size": recipe.size, "peak_rss_gib": round(peak_rss_gib(), 2), "rss_after_load_gib": round(loaded, 2)}
 
 
+def slider_latency(*, moves: int = 5, model: str = "shapes-v1") -> dict:
+    """Seconds from a slider change to the new picture handed to the panel's image, with and without live preview.
+
+    The panel runs as in a notebook (auto-run, its debounce, the worker thread), without a browser; the browser's
+    own drawing adds a few milliseconds. Moves alternate between preview on and off, so both see the same machine.
+    """
+    from sdkit import widgets
+    from sdkit.generate import GenerationSettings
+
+    panel = widgets.Panel(model, auto_run=True, settings=GenerationSettings(
+        prompt="a red circle on a white background", seed=1, steps=20, width=64, height=64))
+    panel.generate(wait=True)  # load the model and fit the preview map: the first run is not a slider move
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for move in range(2 * moves):
+        preview = move % 2 == 0
+        panel.preview.value = preview
+        started = time.perf_counter()
+        panel.controls["cfg"].value = 6.0 + move % 4  # a new value every move
+        panel.wait()
+        if "Done" not in panel.status.value:
+            raise RuntimeError(f"the panel did not finish a run: {panel.status.value}")
+        times[preview].append(panel.last_shown_at - started)
+    summary = {"with_preview" if on else "without_preview": {"median_s": round(statistics.median(t), 3),
+                                                               "best_s": round(min(t), 3), "moves": len(t)}
+               for on, t in times.items()}
+    return summary | {"model": model, "steps": 20, "size": 64, "debounce_s": widgets.DEBOUNCE_S}
+
+
 def psnr(a, b) -> float:
     """Peak signal-to-noise ratio of two 8-bit images, dB (inf when identical)."""
     import numpy as np
@@ -481,6 +509,7 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
             result["load"] = {family: load_memory(family, folder=Path(folder))
                               for family in tqdm(("sd1", "sdxl"), desc="loads", disable=not progress)}
     result["quality"] = quality()
+    result["widgets"] = slider_latency()
     return result
 
 
@@ -508,6 +537,11 @@ def format_table(result: dict) -> str:
         lines.append(f"end to end {name:<28} {row['seconds']:>7.2f} s, peak RSS {row['peak_rss_gib']:.2f} GiB")
     for family, row in result.get("load", {}).items():
         lines.append(f"load {family} ({row['file_gib']:.1f} GiB fp16 file): peak RSS {row['peak_rss_gib']:.2f} GiB")
+    if "widgets" in result:
+        ui = result["widgets"]
+        lines.append(f"widgets: slider move -> new {ui['model']} picture ({ui['steps']} steps, {ui['size']} px): "
+                     f"{ui['with_preview']['median_s']:.2f} s with live preview, "
+                     f"{ui['without_preview']['median_s']:.2f} s without (median of {ui['with_preview']['moves']})")
     q = result["quality"]
     alone = f" (decoder alone: {q['vae_psnr_db']:.1f} dB)" if "vae_psnr_db" in q else ""
     lines.append(f"numeric check ({q['model']}): latent relative error {q['latent_relative_error']:.4f}, "

@@ -272,32 +272,65 @@ def components(names: list[str]) -> list[str]:
 
 def detect_family(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> str:
     """The model family (sd1, sd2, sdxl, sdxl_refiner, flux, sd3, shapes) from tensor names and shapes."""
+    return explain_family(specs, metadata)[0]
+
+
+# The tensor names that give each family away, checked in this order (the first match decides).
+FAMILY_CLUES: tuple[tuple[str, str, str], ...] = (
+    ("flux", "double_blocks.0.img_attn.qkv.weight", "contains"),
+    ("sd3", "joint_blocks.0.context_block", "contains"),
+    ("sdxl", "conditioner.embedders.1.model.", "prefix"),
+    ("sdxl_refiner", "conditioner.embedders.0.model.", "prefix"),
+    ("sd2", "cond_stage_model.model.", "prefix"),
+    ("sd1", "cond_stage_model.transformer.", "prefix"),
+)
+
+
+def explain_family(specs: dict[str, TensorSpec], metadata: dict[str, str] | None = None) -> tuple[str, str]:
+    """(family, the clue that decided it): a metadata field, a tensor name, or a UNet's cross-attention width."""
     metadata = metadata or {}
-    if metadata.get("modelspec.architecture", "").startswith("sdkit-shapes"):
-        return "shapes"
+    architecture = metadata.get("modelspec.architecture", "")
+    if architecture.startswith("sdkit-shapes"):
+        return "shapes", f"metadata modelspec.architecture = {architecture!r}"
     names = list(specs)
-    if any("double_blocks.0.img_attn.qkv.weight" in n for n in names):
-        return "flux"
-    if any("joint_blocks.0.context_block" in n for n in names):
-        return "sd3"
-    if any(n.startswith("conditioner.embedders.1.model.") for n in names):
-        return "sdxl"
-    if any(n.startswith("conditioner.embedders.0.model.") for n in names):
-        return "sdxl_refiner"
-    if any(n.startswith("cond_stage_model.model.") for n in names):
-        return "sd2"
-    if any(n.startswith("cond_stage_model.transformer.") for n in names):
-        return "sd1"
+    for family, clue, how in FAMILY_CLUES:
+        found = next((n for n in names if (clue in n if how == "contains" else n.startswith(clue))), None)
+        if found:
+            return family, f"tensor {found}"
     for name, spec in specs.items():  # a bare UNet: the cross-attention width says which text encoder it expects
         if name.endswith(UNET_CONTEXT_KEY) and spec.shape[-1] in CONTEXT_DIM_FAMILY:
             if any(n.endswith("label_emb.0.0.weight") for n in names) or spec.shape[-1] != 2048:
-                return CONTEXT_DIM_FAMILY[spec.shape[-1]]
+                return CONTEXT_DIM_FAMILY[spec.shape[-1]], f"cross-attention width {spec.shape[-1]} of {name}"
     sample = ", ".join(sorted(names)[:8])
     raise SdkitError(
         f"Unknown model family: none of the tensor names sdkit knows for SD1, SD2, SDXL, SD3 or FLUX were seen "
         f"({len(names)} tensors, e.g. {sample}).",
         fix="this is not a checkpoint, or a kind sdkit does not load yet; check the model page for what it is",
     )
+
+
+ITEM_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+              "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+              "bool": 1}
+
+
+def parts(specs: dict[str, TensorSpec]) -> list[dict]:
+    """One row per model part a file holds: its tensor-name prefix, tensors, parameters, main dtype and MiB."""
+    rows: dict[str, dict] = {}
+    transformer = any("double_blocks." in n or "joint_blocks." in n for n in specs)  # FLUX/SD3: no UNet
+    for name, spec in specs.items():
+        part, prefix = next(((c, p) for c, prefixes in COMPONENT_PREFIXES.items() for p in prefixes
+                             if name.startswith(p)), ("other", ""))
+        part = "transformer" if part == "unet" and transformer else part
+        row = rows.setdefault(part, {"part": part, "prefix": prefix, "tensors": 0, "parameters": 0, "bytes": 0,
+                                     "dtypes": Counter()})
+        row["tensors"] += 1
+        row["parameters"] += spec.numel
+        row["bytes"] += spec.numel * ITEM_BYTES.get(spec.dtype, 4)
+        row["dtypes"][spec.dtype] += spec.numel
+    return [{"part": r["part"], "prefix": r["prefix"] or "(other names)", "tensors": r["tensors"],
+             "parameters": r["parameters"], "dtype": r["dtypes"].most_common(1)[0][0],
+             "MiB": round(r["bytes"] / 2**20, 2)} for r in rows.values()]
 
 
 def _hash_file(path: Path) -> str:

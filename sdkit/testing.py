@@ -6,8 +6,13 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers.utils import logging as transformers_logging
+
+transformers_logging.set_verbosity_error()  # diffusers' pipeline imports warn about image processors never used here
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline  # noqa: E402
+
+transformers_logging.set_verbosity_warning()
 
 from sdkit.checkpoints import CONFIGS, _tokenizer
 from sdkit.convert import save_single_file
@@ -23,11 +28,12 @@ def text_config(hidden: int, layers: int, *, act: str, projection: int | None = 
                           pad_token_id=1)
 
 
-def tiny_pipeline(family: str, *, seed: int = 0):
-    """A random tiny pipeline of `family` (sd1, sd2, sdxl) in fp32."""
+def tiny_pipeline(family: str, *, seed: int = 0, vae_levels: int = 2):
+    """A random tiny pipeline of `family` (sd1, sd2, sdxl) in fp32; vae_levels=4 gives the real 8x latent factor."""
     torch.manual_seed(seed)
-    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    vae = AutoencoderKL(block_out_channels=(32,) * vae_levels, layers_per_block=1, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * vae_levels,
+                        up_block_types=("UpDecoderBlock2D",) * vae_levels)
     scheduler = EulerDiscreteScheduler.from_pretrained(CONFIGS / family, subfolder="scheduler")
     if family == "sdxl":
         te = CLIPTextModel(text_config(32, 2, act="quick_gelu"))
@@ -50,9 +56,26 @@ def tiny_pipeline(family: str, *, seed: int = 0):
                                    requires_safety_checker=False)
 
 
-def write_tiny(family: str, path: Path, *, seed: int = 0):
+def write_tiny(family: str, path: Path, *, seed: int = 0, vae_levels: int = 2):
     """Write a tiny random checkpoint of `family` to `path`; returns the in-memory pipeline."""
-    pipe = tiny_pipeline(family, seed=seed)
+    pipe = tiny_pipeline(family, seed=seed, vae_levels=vae_levels)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_single_file(pipe, path, family=family)
     return pipe
+
+
+# The names a ComfyUI all-in-one FLUX file uses for one tensor of each part (its real layout, not its real size).
+FLUX_ALL_IN_ONE = ("model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                   "model.diffusion_model.single_blocks.0.linear1.weight",
+                   "vae.decoder.conv_in.weight",
+                   "text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight",
+                   "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight")
+
+
+def write_named(path: Path, names: tuple[str, ...] = FLUX_ALL_IN_ONE, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A safetensors file with one tiny tensor per name: a file's layout without its size (for recognition only)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: torch.zeros(4, 4, dtype=dtype) for name in names}, str(path))
+    return path

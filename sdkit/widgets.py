@@ -94,24 +94,30 @@ def _sampler_options() -> list[tuple[str, str]]:
     return [(A1111_SAMPLER_NAMES.get(n, n), n) for n in sampler_names() if not n.endswith("_karras")]
 
 
+LABEL = {"description_width": "72px"}
+COLUMN_PX = 540  # the controls' column; the picture sits to its right (below it on a narrow screen)
+
+
 def _slider(cls, description: str, low, high, step=1) -> w.Widget:
     return cls(description=description, min=low, max=high, step=step, continuous_update=False,
-               style={"description_width": "80px"}, layout=w.Layout(width="420px"))
+               style=LABEL, layout=w.Layout(width="100%"))
 
 
 # GenerationSettings field -> the control that shows it: the one place where a field meets a widget.
 CONTROLS: dict[str, Callable[[Ranges], w.ValueWidget]] = {
-    "model": lambda r: w.Dropdown(description="Model", options=[], layout=w.Layout(width="420px")),
-    "prompt": lambda r: w.Textarea(description="Prompt", rows=2, continuous_update=False,
-                                   placeholder="say exactly what you want", layout=w.Layout(width="640px")),
-    "negative_prompt": lambda r: w.Textarea(description="Negative", rows=1, continuous_update=False,
-                                            placeholder="what you do not want", layout=w.Layout(width="640px")),
+    "model": lambda r: w.Dropdown(description="Model", options=[], style=LABEL, layout=w.Layout(width="100%")),
+    "prompt": lambda r: w.Textarea(description="Prompt", rows=2, continuous_update=False, style=LABEL,
+                                   placeholder="say exactly what you want", layout=w.Layout(width="100%")),
+    "negative_prompt": lambda r: w.Textarea(description="Negative", rows=1, continuous_update=False, style=LABEL,
+                                            placeholder="what you do not want", layout=w.Layout(width="100%")),
     "seed": lambda r: w.BoundedIntText(description="Seed", min=-1, max=2**32 - 1, continuous_update=False,
-                                       layout=w.Layout(width="220px")),
+                                       style=LABEL, layout=w.Layout(width="200px")),
     "steps": lambda r: _slider(w.IntSlider, "Steps", *r.steps),
     "cfg": lambda r: _slider(w.FloatSlider, "CFG", *r.cfg),
-    "sampler": lambda r: w.Dropdown(description="Sampler", options=_sampler_options()),
-    "scheduler": lambda r: w.Dropdown(description="Schedule", options=[("Automatic", "normal"), ("Karras", "karras")]),
+    "sampler": lambda r: w.Dropdown(description="Sampler", options=_sampler_options(), style=LABEL,
+                                    layout=w.Layout(width="50%")),
+    "scheduler": lambda r: w.Dropdown(description="Schedule", options=[("Automatic", "normal"), ("Karras", "karras")],
+                                      style=LABEL, layout=w.Layout(width="50%")),
     "width": lambda r: _slider(w.IntSlider, "Width", *r.size),
     "height": lambda r: _slider(w.IntSlider, "Height", *r.size),
     "clip_skip": lambda r: _slider(w.IntSlider, "CLIP skip", 1, 4),
@@ -201,14 +207,15 @@ class Panel:
                                    tooltip="re-render by itself when a control changes")
         self.preview = w.Checkbox(value=preview, description="live preview", indent=False,
                                   layout=w.Layout(width="120px"), tooltip="show the picture while it denoises")
-        self.dice = w.Button(description="🎲", tooltip="a new random seed", layout=w.Layout(width="40px"))
+        self.dice = w.Button(description="", icon="random", tooltip="a new random seed", layout=w.Layout(width="40px"))
         self.seed_used = w.HTML()
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.cancel_button = w.Button(description="Cancel", icon="stop", disabled=True)
-        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="300px"))
+        self.progress = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="160px"))
         self.progress_text = w.Label("")
         self.status = w.HTML("")
-        self.image = w.Image(format="png", layout=w.Layout(min_width=f"{DISPLAY_PX}px"))
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{DISPLAY_PX}px", max_width="100%",
+                                                           object_fit="contain"))
         self.gallery_box = w.HBox(layout=w.Layout(flex_flow="row wrap"))
         self._classes()
 
@@ -246,23 +253,34 @@ class Panel:
     def _layout(self) -> w.VBox:
         """The controls in the order a learner reads them."""
         c = self.controls
-        rows = [w.HBox([c["model"], self.auto_run, self.preview]), c["prompt"], c["negative_prompt"],
-                w.HBox([c["seed"], self.dice, self.seed_used]),
-                w.HBox([w.VBox([c["steps"], c["cfg"], c["clip_skip"]]), w.VBox([c["sampler"], c["scheduler"]])]),
-                w.HBox([c["width"], c["height"]])]
+        rows = [c["model"], w.HBox([self.auto_run, self.preview]), c["prompt"], c["negative_prompt"],
+                w.HBox([c["seed"], self.dice, self.seed_used]), c["steps"], c["cfg"],
+                w.HBox([c["sampler"], c["scheduler"]]), c["width"], c["height"], c["clip_skip"]]
         if self.groups:
             extras = w.Accordion(children=[w.VBox(g.widgets) for g in self.groups],
                                  titles=tuple(g.title or type(g).__name__ for g in self.groups))
             rows.append(extras)
-        rows += [w.HBox([self.generate_button, self.cancel_button, self.progress, self.progress_text]), self.status,
-                 self.image, w.HTML("<b>Gallery</b> (newest first)"), self.gallery_box]
-        box = w.VBox(rows)
+        rows += [w.HBox([self.generate_button, self.cancel_button]), w.HBox([self.progress, self.progress_text]),
+                 self.status]
+        controls = w.VBox(rows, layout=w.Layout(width=f"{COLUMN_PX}px", margin="0 16px 0 0"))
+        top = w.HBox([controls, self.image], layout=w.Layout(flex_flow="row wrap", align_items="flex-start"))
+        box = w.VBox([top, w.HTML("<b>Gallery</b> (newest first)"), self.gallery_box])
         box.add_class("sdkit-panel")
         return box
 
     def _repr_mimebundle_(self, **kwargs):
-        """Show the panel when it is a cell's value."""
-        return self.box._repr_mimebundle_(**kwargs)
+        """Show the panel when it is a cell's value; a saved notebook read on the web shows the last picture."""
+        import base64
+
+        bundle = self.box._repr_mimebundle_(**kwargs)
+        picture = ""
+        if self.gallery:
+            shot = self.gallery[0]
+            data = base64.b64encode(png(shot.image, min_px=DISPLAY_PX)).decode()
+            picture = (f"<img src='data:image/png;base64,{data}'/><pre style='white-space:pre-wrap'>"
+                       f"{html.escape(shot.parameters)}</pre>")
+        bundle["text/html"] = f"<p><i>The sdkit panel: run this notebook in JupyterLab to use it.</i></p>{picture}"
+        return bundle
 
     # --- settings in and out ------------------------------------------------------------------------
 
@@ -476,7 +494,7 @@ class Panel:
                 from sdkit import preview as previews
 
                 picture = previews.to_image(latents if denoised is None else denoised, pipe.vae)
-                self.image.value = png(picture, min_px=DISPLAY_PX)
+                self._put(picture)
                 last_preview[0] = now
 
         images, made = [], []
@@ -488,7 +506,7 @@ class Panel:
             images.append(image)
             made.append(image.sdkit_settings)
         shown = next((p for g in self.groups if (p := g.compose(images, made)) is not None), images[-1])
-        self.image.value = png(shown, min_px=DISPLAY_PX)
+        self._put(shown)
         self.last_shown_at = time.perf_counter()
         self.progress.value = total
         self.progress_text.value = f"{total}/{total}"
@@ -496,6 +514,14 @@ class Panel:
         self.seed_used.value = f"seed used: <b>{made[-1].seed}</b>" if settings.seed == -1 else ""
         for image, used in zip(images, made):
             self._add_to_gallery(image, used, model_hash=getattr(getattr(pipe, "sdkit", None), "autov2", ""))
+
+    def _put(self, picture: Image.Image) -> None:
+        """Show a picture: small ones scaled up by a whole factor, at most as wide as the notebook."""
+        data = png(picture, min_px=DISPLAY_PX)
+        width = picture.width * max(1, -(-DISPLAY_PX // picture.width))
+        if self.image.layout.width != f"{width}px":
+            self.image.layout.width = f"{width}px"
+        self.image.value = data
 
     # --- gallery ------------------------------------------------------------------------------------
 

@@ -105,3 +105,10 @@ def test_peak_is_the_best_seen_over_the_run():
 def test_bench_case_can_profile_the_part_it_timed():
     row = bench.bench_case(TINY, peaks={"float32": 100.0, "bfloat16": 400.0}, repeats=1, profile=True)
     assert sum(p["share"] for p in row["breakdown"].values()) == pytest.approx(1.0, abs=0.01)
+
+
+def test_slider_latency_times_real_panel_runs_with_and_without_preview():
+    result = bench.slider_latency(moves=1)
+    for key in ("with_preview", "without_preview"):
+        assert result[key]["moves"] == 1 and 0 < result[key]["best_s"] <= result[key]["median_s"]
+    assert result["model"] == "shapes-v1" and result["steps"] == 20

@@ -207,3 +207,38 @@ def test_mapped_tensors_never_write_to_the_file(tmp_path):
     before = f.read_bytes()
     formats.load_state_dict(f)["a"].add_(1)  # a private copy-on-write map: the user's file stays as it was
     assert f.read_bytes() == before
+
+
+@pytest.mark.parametrize("family, clue", [("sd1", "cond_stage_model.transformer."), ("sd2", "cond_stage_model.model."),
+                                          ("sdxl", "conditioner.embedders.1.model.")])
+def test_family_is_explained_by_the_tensor_that_decided_it(tiny_files, family, clue):
+    specs, metadata = formats.read_specs(tiny_files[family])
+    found, reason = formats.explain_family(specs, metadata)
+    assert found == family and reason.startswith(f"tensor {clue}")
+
+
+def test_shapes_family_comes_from_metadata():
+    from sdkit.paths import find
+
+    specs, metadata = formats.read_specs(find("checkpoints", "shapes-v1"))
+    assert formats.explain_family(specs, metadata) == ("shapes", "metadata modelspec.architecture = 'sdkit-shapes-v1'")
+
+
+def test_parts_table_counts_every_tensor_once(tiny_files):
+    specs, _ = formats.read_specs(tiny_files["sdxl"])
+    rows = {row["part"]: row for row in formats.parts(specs)}
+    assert set(rows) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+    assert sum(r["tensors"] for r in rows.values()) == len(specs)
+    assert sum(r["parameters"] for r in rows.values()) == sum(s.numel for s in specs.values())
+    assert rows["unet"]["prefix"] == "model.diffusion_model." and rows["unet"]["dtype"] == "float32"
+    assert rows["vae"]["MiB"] == round(rows["vae"]["parameters"] * 4 / 2**20, 2)
+
+
+def test_flux_all_in_one_layout_is_recognised_with_its_parts(tmp_path):
+    from sdkit.testing import write_named
+
+    path = write_named(tmp_path / "flux-aio.safetensors")
+    result = formats.info(path)
+    assert result["family"] == "flux"
+    assert result["components"] == ["transformer", "vae", "text_encoder", "text_encoder_2"]
+    assert {row["part"] for row in formats.parts(formats.read_specs(path)[0])} == set(result["components"])

@@ -240,3 +240,36 @@ def test_compare_group_makes_one_picture_per_value(panel):
     group.values.value = "a, b"
     p.generate(wait=True)
     assert "not float values for cfg" in p.status.value
+
+
+def test_switching_model_loads_it_and_sets_its_family(tmp_path, monkeypatch):
+    from sdkit.testing import write_tiny
+
+    write_tiny("sd1", tmp_path / "checkpoints" / "painter.safetensors", vae_levels=4)
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    p = widgets.Panel("shapes-v1", settings=FAST)
+    assert p.auto_run.value and p.family == "shapes"
+    p.controls["model"].value = "painter.safetensors"
+    assert p.wait(60)
+    assert p.family == "sd1" and not p.auto_run.value and p.controls["width"].value == 512
+    assert "painter.safetensors is loaded" in p.status.value and p.pipe.sdkit.name == "painter.safetensors"
+    p.show(FAST.replace(width=256, height=256))
+    p.generate(wait=True)
+    assert "Done" in p.status.value and p.gallery[0].settings.model == "painter"
+    p.controls["model"].value = "shapes-v1.safetensors"
+    assert p.wait(60) and p.family == "shapes" and p.auto_run.value
+    assert p.controls["width"].value == 64 and len(p.gallery) == 2, "auto-run draws with the new model"
+    assert p.gallery[0].settings.model == "shapes-v1" and p.gallery[0].image.size == (64, 64)
+
+
+def test_a_broken_model_file_is_one_line_and_another_model_still_works(tmp_path, monkeypatch):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "half.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    p = widgets.Panel("half.safetensors", settings=FAST, auto_run=False)
+    p.generate(wait=True)
+    assert "half.safetensors" in p.status.value and "Fix:" in p.status.value and "\n" not in p.status.value
+    p.controls["model"].value = "shapes-v1.safetensors"
+    p.wait(60)
+    p.generate(wait=True)
+    assert "Done" in p.status.value

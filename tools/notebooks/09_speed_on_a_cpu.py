@@ -1,53 +1,58 @@
-# md
-# 09 · Speed on a CPU: why one set-up takes minutes and another seconds
+# %% [markdown]
+# # 09 · Speed on a CPU: why one set-up takes minutes and another seconds
+#
+# An image model spends almost all its time multiplying matrices. So the question "how fast can this CPU make
+# an image?" has a measurable answer: count the multiplications a step needs (its **FLOPs**), measure how many
+# the CPU can do per second (its **peak**), and compare what a program actually reaches.
+#
+# Here we do that for the real Stable Diffusion 1.5 UNet. Its weights are random (nothing to download), which does
+# not change the time a step takes: only the shapes do. `python -m sdkit bench` is the full version of this notebook.
 
-An image model spends almost all its time multiplying matrices. So the question "how fast can this CPU make
-an image?" has a measurable answer: count the multiplications a step needs (its **FLOPs**), measure how many
-the CPU can do per second (its **peak**), and compare what a program actually reaches.
-
-Here we do that for the real Stable Diffusion 1.5 UNet. Its weights are random (nothing to download), which does
-not change the time a step takes: only the shapes do. `python -m sdkit bench` is the full version of this notebook.
-#%%
+# %%
 # Setup
 from IPython.display import Markdown, display
 
-from sdkit import bench, device, plots
-#%%
+from sdkit import bench, device, plots, widgets
+
+# %%
 # Parameters
 SIZE = 256        # image side in pixels for the timed UNet step (512 is the real thing; 256 keeps this notebook quick)
 REPEATS = 1       # timed calls after one warm-up
-#%%
-# md
-## 1. The limit: how fast can this CPU multiply?
 
-A large matrix multiplication (GEMM) is the fastest thing a CPU does. Its speed in each number format is the
-ceiling for everything else. CPUs with **AMX** or **AVX512-BF16** units multiply bf16 many times faster than fp32.
-#%%
+# %% [markdown]
+# ## 1. The limit: how fast can this CPU multiply?
+#
+# A large matrix multiplication (GEMM) is the fastest thing a CPU does. Its speed in each number format is the
+# ceiling for everything else. CPUs with **AMX** or **AVX512-BF16** units multiply bf16 many times faster than fp32.
+
+# %%
 report = device.report()
 peaks = {dtype: bench.gemm_peak(dtype=dtype) for dtype in ("float32", "bfloat16")}
 print(f"bf16 / fp32 = {peaks['bfloat16'] / peaks['float32']:.1f}x; sdkit runs the UNet in {report.choices['unet'].dtype}: "
       f"{report.choices['unet'].reason}")
 plots.bars(peaks, title=f"GEMM peak on {report.cpu}", unit="GFLOP/s")
-#%%
-# md
-## 2. How much work is one step?
 
-PyTorch can count the FLOPs of a model call without doing the arithmetic (on the "meta" device, which only
-tracks shapes). One step with CFG runs the UNet twice: with the prompt and without it.
-#%%
+# %% [markdown]
+# ## 2. How much work is one step?
+#
+# PyTorch can count the FLOPs of a model call without doing the arithmetic (on the "meta" device, which only
+# tracks shapes). One step with CFG runs the UNet twice: with the prompt and without it.
+
+# %%
 sizes = [256, 512, 768, 1024]
 gflop = {f"{s}x{s}": bench.count_gflop(bench.Case("u", "sd1", "unet", s, 2)) for s in sizes}
 print(f"4x the pixels (512 -> 1024) costs {gflop['1024x1024'] / gflop['512x512']:.1f}x the work: attention grows faster")
 plots.bars(gflop, title="SD1.5 UNet: one CFG step", unit="GFLOP")
-#%%
-# md
-## 3. Default vs sdkit, measured
 
-The **default** is what a new user gets from diffusers: fp32 everywhere. **sdkit's path** is what `sdkit.device`
-picked for this machine (bf16 where the CPU has bf16 units, channels-last memory for the convolutions), the same
-code `checkpoints.load` uses. Same inputs, same step. The share of the peak compares the best timed call with the
-best GEMM, since on a busy or shared CPU single timings vary.
-#%%
+# %% [markdown]
+# ## 3. Default vs sdkit, measured
+#
+# The **default** is what a new user gets from diffusers: fp32 everywhere. **sdkit's path** is what `sdkit.device`
+# picked for this machine (bf16 where the CPU has bf16 units, channels-last memory for the convolutions), the same
+# code `checkpoints.load` uses. Same inputs, same step. The share of the peak compares the best timed call with the
+# best GEMM, since on a busy or shared CPU single timings vary.
+
+# %%
 case = bench.Case(f"unet_sd15_{SIZE}", "sd1", "unet", SIZE, 2)
 row = bench.bench_case(case, peaks=peaks, repeats=REPEATS, profile=True)
 row |= bench.fractions(row, bench.raise_peaks(peaks))  # measure the peak again: keep the best seen
@@ -60,15 +65,16 @@ display(Markdown(
 print(f"speed-up {row['speedup_vs_default']:.1f}x; the output differs from fp32 by "
       f"{row['relative_error_vs_fp32']:.2%} (relative error)")
 plots.bars(times, title=f"SD1.5 UNet, one CFG step at {SIZE}x{SIZE}", unit="s")
-#%%
-# md
-## 4. Where the time goes
 
-Not every operation is a matrix multiplication. PyTorch's profiler times each operator; grouping them shows
-which kinds reach the peak and which do not. Convolutions and linear layers are multiplications. Attention
-multiplies too, but it also takes an exponential of every score (the softmax), and AMX units cannot do
-exponentials. "Other" is norms, activations and additions: no multiplications at all, only memory traffic.
-#%%
+# %% [markdown]
+# ## 4. Where the time goes
+#
+# Not every operation is a matrix multiplication. PyTorch's profiler times each operator; grouping them shows
+# which kinds reach the peak and which do not. Convolutions and linear layers are multiplications. Attention
+# multiplies too, but it also takes an exponential of every score (the softmax), and AMX units cannot do
+# exponentials. "Other" is norms, activations and additions: no multiplications at all, only memory traffic.
+
+# %%
 parts = row["breakdown"]  # profiled during the timing above
 display(Markdown("| kind | share of the step | GFLOP | GFLOP/s |\n|---|---|---|---|\n" + "\n".join(
     f"| {kind} | {p['share']:.0%} | {p['gflop']:.0f} | {p['gflops'] or 0:.0f} |".replace("| 0 | 0 |", "| none | - |")
@@ -78,25 +84,41 @@ print(f"At {SIZE}x{SIZE} the first attention layers compare {tokens:,} latent po
       f"{tokens**2 * 8 * 2 / 1e6:,.0f} million exponentials per layer (8 heads, 2 CFG passes). At 512x512 it is 16x that.")
 plots.bars({kind: p["seconds"] for kind, p in parts.items()}, title=f"SD1.5 UNet step at {SIZE}x{SIZE}, by operator kind",
            unit="s")
-#%%
-# md
-## 5. Is the faster picture the same picture?
 
-Speed must not cost quality. We make the same images with the course's trained shapes model in fp32 and on
-sdkit's path and compare them: PSNR above 30 dB means the difference is invisible.
-#%%
+# %% [markdown]
+# ## 5. Is the faster picture the same picture?
+#
+# Speed must not cost quality. We make the same images with the course's trained shapes model in fp32 and on
+# sdkit's path and compare them: PSNR above 30 dB means the difference is invisible.
+
+# %%
 q = bench.quality()
 print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images PSNR {q['psnr_db']:.1f} dB; "
       f"the VAE alone (same latents, {q['dtypes']['vae']} vs fp32): {q['vae_psnr_db']:.1f} dB")
-#%%
-# md
-## What to take away
 
-* Time per step = FLOPs / (peak x the share of the peak a program reaches).
-* The share has a ceiling below 100%: attention's exponentials and the norms and activations between the
-  multiplications do not run on the matrix units. That, not a missing trick, is why a CPU step at 512x512 takes
-  seconds.
-* Matching the number format to the CPU (bf16 on AMX / AVX512-BF16 machines, fp32 elsewhere) is the biggest
-  single win on a CPU; `sdkit.device` makes that choice and says why.
-* `python -m sdkit bench` measures every part (text encoders, UNets, VAE decoders) and whole generations on your
-  machine; the README has the table measured on the project's machine.
+# %% [markdown]
+# ## What to take away
+#
+# * Time per step = FLOPs / (peak x the share of the peak a program reaches).
+# * The share has a ceiling below 100%: attention's exponentials and the norms and activations between the
+#   multiplications do not run on the matrix units. That, not a missing trick, is why a CPU step at 512x512 takes
+#   seconds.
+# * Matching the number format to the CPU (bf16 on AMX / AVX512-BF16 machines, fp32 elsewhere) is the biggest
+#   single win on a CPU; `sdkit.device` makes that choice and says why.
+# * `python -m sdkit bench` measures every part (text encoders, UNets, VAE decoders) and whole generations on your
+#   machine; the README has the table measured on the project's machine.
+
+# %% [markdown]
+# ## Feel it: a slider move
+#
+# On the course's small model a whole picture takes well under a second, so the panel re-renders as you drag. The
+# live preview shows the picture while it denoises; it costs a little each step (a small matrix product and a PNG
+# sent to the browser). Measured here: seconds from a slider change to the finished picture on the panel.
+
+# %%
+latency = bench.slider_latency(moves=3)
+print(f"slider move -> new picture: {latency['with_preview']['median_s']:.2f} s with live preview, "
+      f"{latency['without_preview']['median_s']:.2f} s without ({latency['steps']} steps, median of 3)")
+panel = widgets.Panel("shapes-v1")
+panel.generate(wait=True)
+panel

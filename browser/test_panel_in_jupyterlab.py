@@ -1,0 +1,193 @@
+"""JupyterLab in a real browser: run notebook 01, then use its panel as a learner would (`make browser-test`).
+
+Needs Debian's chromium at /usr/bin/chromium (or $CHROMIUM) and the `playwright` package, which drives it through
+executable_path: a browser download can't work on the project's machines. Screenshots go to $SDKIT_SCREENSHOTS or
+build/browser-test/, printed at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = "01_the_computer_is_dumb.ipynb"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+RUN_ALL_S = 300  # notebook 01 takes ~1 min on 2 cores; a slow CI machine gets room
+STEP_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def shots() -> Path:
+    folder = Path(os.environ.get("SDKIT_SCREENSHOTS", ROOT / "build" / "browser-test"))
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    print(f"\nscreenshots: {folder}", flush=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """JupyterLab on a copy of notebooks/ (its autosave never touches the repo), on a free loopback port."""
+    work = tmp_path_factory.mktemp("lab")
+    shutil.copytree(ROOT / "notebooks", work / "notebooks")
+    port, token = _free_port(), secrets.token_hex(16)
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(work / "config"),
+                        "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"),
+                        "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"), "JUPYTER_RUNTIME_DIR": str(work / "rt")}
+    command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
+               f"--IdentityProvider.token={token}", f"--notebook-dir={work / 'notebooks'}"]
+    if os.geteuid() == 0:
+        command.append("--allow-root")
+    log = (work / "lab.log").open("w")
+    server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=1)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"JupyterLab exited: {(work / 'lab.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    else:
+        server.kill()
+        raise RuntimeError("JupyterLab did not answer within 60 s")
+    yield url, token, work
+    server.terminate()
+    server.wait(20)
+
+
+@pytest.fixture(scope="module")
+def page(lab, shots):
+    url, token, work = lab
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) or set CHROMIUM")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(work / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000})
+        page = context.pages[0] if context.pages else context.new_page()
+        page.set_default_timeout(STEP_S * 1000)
+        page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}")
+        yield page
+        context.close()
+
+
+def gallery_count(page: Page) -> int:
+    return page.locator(".sdkit-gallery-item").count()
+
+
+def wait_gallery(page: Page, count: int, *, timeout_s: float = STEP_S) -> None:
+    page.wait_for_function(f"document.querySelectorAll('.sdkit-gallery-item').length >= {count}",
+                           timeout=timeout_s * 1000)
+
+
+def status(page: Page) -> str:
+    return page.locator(".sdkit-status").inner_text()
+
+
+def set_readout(page: Page, control: str, value: int) -> None:
+    """Type a value into a slider's number, as a learner can."""
+    readout = page.locator(f".sdkit-{control} .widget-readout")
+    readout.click()
+    page.keyboard.press("Control+A")
+    page.keyboard.type(str(value))
+    page.keyboard.press("Enter")
+    expect(readout).to_have_text(str(value))
+
+
+def test_learner_uses_the_panel(page: Page, shots: Path):
+    # 1. Open notebook 01 and run every cell, from the menu.
+    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
+    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+    page.screenshot(path=shots / "01-opened.png")
+    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+    page.locator(".lm-Menu-item", has_text="Run All Cells").first.click()
+    page.wait_for_selector(".sdkit-panel", timeout=RUN_ALL_S * 1000)
+    wait_gallery(page, 1, timeout_s=RUN_ALL_S)
+    panel = page.locator(".sdkit-panel")
+    panel.scroll_into_view_if_needed()
+    panel.screenshot(path=shots / "02-panel-after-run-all.png")
+    assert "Error displaying widget" not in page.content(), "a widget failed to render (lab extension missing?)"
+    assert "official Jupyter news" not in page.content(), "JupyterLab's news pop-up should be switched off"
+
+    # 2. Type a prompt: auto-run is on for shapes-v1, so a picture of it arrives by itself.
+    before = gallery_count(page)
+    prompt = page.locator(".sdkit-prompt textarea")
+    prompt.fill("a blue square on a black background")
+    prompt.blur()
+    wait_gallery(page, before + 1)
+    expect(page.locator(".sdkit-gallery-item").first).to_contain_text("seed")
+    panel.screenshot(path=shots / "03-typed-prompt.png")
+
+    # 3. Drag the steps slider: one drag, one new picture (the panel debounces), and its time to the screen.
+    before = gallery_count(page)
+    handle = page.locator(".sdkit-steps .noUi-handle")
+    box = handle.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x - 25, y, steps=12)
+    started = time.perf_counter()
+    page.mouse.up()
+    wait_gallery(page, before + 1)
+    on_screen = time.perf_counter() - started
+    time.sleep(1.5)
+    assert gallery_count(page) == before + 1, "one drag must make one picture, not one per position"
+    print(f"slider drag -> new picture in the gallery: {on_screen:.2f} s (browser clock, auto-run)", flush=True)
+    panel.screenshot(path=shots / "04-dragged-steps.png")
+
+    # 4. Auto-run off, Generate by hand: a new picture and the progress bar full.
+    page.locator(".sdkit-auto-run input").uncheck()
+    before = gallery_count(page)
+    page.locator(".sdkit-generate").click()
+    wait_gallery(page, before + 1)
+    expect(page.locator(".sdkit-status")).to_contain_text("Done")
+    bar = page.locator(".sdkit-progress .progress-bar")
+    assert "100%" in (bar.get_attribute("style") or ""), bar.get_attribute("style")
+    done, total = page.locator(".sdkit-progress-text").inner_text().split("/")
+    assert done == total
+    panel.screenshot(path=shots / "05-generated.png")
+
+    # 5. A long run, cancelled: it stops early, adds nothing, and the next Generate works.
+    set_readout(page, "steps", 150)
+    set_readout(page, "width", 128)
+    set_readout(page, "height", 128)
+    before = gallery_count(page)
+    page.locator(".sdkit-generate").click()
+    page.wait_for_function("() => { const t = document.querySelector('.sdkit-progress-text');"
+                           " const m = t && t.textContent.match(/^(\\d+)\\/150$/); return m && +m[1] >= 5; }")
+    clicked_at = int(page.locator(".sdkit-progress-text").inner_text().split("/")[0])
+    page.locator(".sdkit-cancel").click()
+    expect(page.locator(".sdkit-status")).to_contain_text("Cancelled after step")
+    stopped = int(re.search(r"Cancelled after step (\d+) of 150", status(page)).group(1))
+    print(f"cancel clicked at step {clicked_at}, run stopped after step {stopped} of 150", flush=True)
+    assert stopped < 150 and stopped - clicked_at <= 5, (clicked_at, stopped)
+    assert gallery_count(page) == before
+    panel.screenshot(path=shots / "06-cancelled.png")
+    set_readout(page, "steps", 10)
+    page.locator(".sdkit-generate").click()
+    wait_gallery(page, before + 1)
+    expect(page.locator(".sdkit-status")).to_contain_text("Done")
+    panel.screenshot(path=shots / "07-after-cancel.png")
+    assert "Error displaying widget" not in page.content()

@@ -1,0 +1,166 @@
+"""Write notebooks/*.ipynb from the jupytext percent scripts in tools/notebooks/, adding the navigation cells.
+
+    python tools/build_notebooks.py            # sources only (fast); keeps nothing of the old outputs
+    python tools/build_notebooks.py --execute  # also run each notebook and keep its pictures (what is committed)
+
+The scripts are the source: edit them, never the .ipynb files. Each notebook gets a generated opening cell
+(what you will learn, how long it takes) and closing cell (try this, links), from COURSE below. Executed notebooks
+keep their outputs so a reader on the web sees the pictures; live widgets are dropped from them (a saved widget
+without its kernel shows "Error displaying widget" in JupyterLab) and replaced by their static picture.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jupytext
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tools" / "notebooks"
+NOTEBOOKS = ROOT / "notebooks"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """What the navigation cells say about one notebook."""
+
+    title: str
+    learn: tuple[str, ...]
+    seconds: int  # measured run time on the project's 2-core machine (printed by --execute)
+    try_this: tuple[str, ...]
+
+
+COURSE: dict[str, Lesson] = {
+    "00_setup_and_hardware": Lesson(
+        title="Setup and hardware",
+        learn=("what a CPU, an iGPU and a discrete GPU are", "what fp32, bf16 and fp16 mean, measured on your machine",
+               "how much memory each model family needs, and which fit here"),
+        seconds=10,
+        try_this=("Set `MATMUL_SIZE = 2048` and run again: does bf16 pull further ahead of fp32?",
+                  "Run `python -m sdkit device` in a terminal: the same report, for any machine you use.",
+                  "Find your own laptop's CPU in the report. Does it have AVX512-BF16 or AMX?")),
+    "01_the_computer_is_dumb": Lesson(
+        title="The computer is dumb",
+        learn=("why a vague prompt gives a random picture and an exact prompt the picture you asked for",
+               "what the seed, the steps, CFG and the sampler each do, measured",
+               "how to use the panel: sliders, Generate, Cancel, the gallery"),
+        seconds=45,
+        try_this=("In the panel, type a vague prompt (`a shape`) and press the shuffle button by the seed a few times: what stays the same?",
+                  "Drag CFG to 20 with 5 steps: the picture burns. Now give it 30 steps.",
+                  "Tick *compare*, vary `sampler` with `euler, dpmpp_2m, lcm`: same seed, three walks.",
+                  "Press *Use* under an old picture: its exact settings come back.")),
+    "02_checkpoints": Lesson(
+        title="Checkpoints: the painter",
+        learn=("what is inside a single-file checkpoint: its parts, their sizes and number formats",
+               "the AutoV2 hash civitai shows, and how a file's family (SD1, SD2, SDXL, FLUX) is recognised",
+               "how much memory each family needs here, and how to switch the painter in the panel"),
+        seconds=15,
+        try_this=("Point `SDKIT_MODELS` at your ComfyUI or A1111 folder and run the notebook again: your "
+                  "checkpoints appear in the table and the panel's model list.",
+                  "Run `python -m sdkit info shapes-v1` in a terminal and find the AutoV2 hash.",
+                  "Switch the panel to a random painter: what does a checkpoint with untrained weights paint?")),
+    "09_speed_on_a_cpu": Lesson(
+        title="Speed on a CPU",
+        learn=("what FLOPs and a CPU's peak are, measured on this machine",
+               "why diffusers' default is several times slower than a tuned path",
+               "where a UNet step's time goes, by kind of operation"),
+        seconds=50,
+        try_this=("Set `SIZE = 512` and run again: how much longer is one real-size step?",
+                  "Run `python -m sdkit bench --quick` in a terminal (about 3 minutes).",
+                  "In the panel, turn *live preview* off and on: what does it cost per picture?")),
+}
+
+
+def _intro(lesson: Lesson) -> str:
+    """The generated opening cell."""
+    learn = "\n".join(f"* {item}" for item in lesson.learn)
+    return (f"**In this notebook you will learn**\n\n{learn}\n\n**Time:** it runs top to bottom in about "
+            f"{lesson.seconds} s on the project's 2-core test machine; give yourself 15 minutes to read it and try things. "
+            f"Run it with *Run → Run All Cells*.")
+
+
+def _outro(lesson: Lesson, *, previous: str | None, following: str | None) -> str:
+    """The generated closing cell: things to try and the links on."""
+    tries = "\n".join(f"1. {item}" for item in lesson.try_this)
+    links = []
+    if previous:
+        links.append(f"← previous: [{previous[:2]} · {COURSE[previous].title}]({previous}.ipynb)")
+    if following:
+        links.append(f"next: [{following[:2]} · {COURSE[following].title}]({following}.ipynb) →")
+    else:
+        links.append("that is the course so far: the README lists what comes next")
+    return f"## Try this\n\n{tries}\n\n" + " · ".join(links)
+
+
+def build(stem: str, *, order: list[str]) -> nbformat.NotebookNode:
+    """The notebook for one script, with its navigation cells."""
+    if stem not in COURSE:
+        raise SystemExit(f"tools/notebooks/{stem}.py has no entry in COURSE (tools/build_notebooks.py): add one")
+    nb = jupytext.read(SCRIPTS / f"{stem}.py", fmt="py:percent")
+    index = order.index(stem)
+    previous = order[index - 1] if index else None
+    following = order[index + 1] if index + 1 < len(order) else None
+    nb.cells.insert(1, nbformat.v4.new_markdown_cell(_intro(COURSE[stem])))
+    nb.cells.append(nbformat.v4.new_markdown_cell(_outro(COURSE[stem], previous=previous, following=following)))
+    for number, cell in enumerate(nb.cells):
+        cell.metadata = {}
+        cell.id = f"c{number:02d}"  # stable ids: a rebuild changes only what changed
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "language_info": {"name": "python"}}
+    return nbformat.v4.upgrade(nb)
+
+
+def static_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Drop live-widget outputs (kept only as the static picture they carry) and the saved widget state."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        outputs = []
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if WIDGET_VIEW in data:
+                data.pop(WIDGET_VIEW)
+                data.pop("text/plain", None)  # "VBox(children=...)" says nothing to a reader
+                if not data:
+                    continue  # a progress bar: nothing to show without its kernel
+            outputs.append(output)
+        cell["outputs"] = outputs
+    return nb
+
+
+def execute(nb: nbformat.NotebookNode) -> float:
+    """Run a notebook in notebooks/ as JupyterLab would; seconds taken."""
+    from nbclient import NotebookClient
+
+    started = time.perf_counter()
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    return time.perf_counter() - started
+
+
+def order() -> list[str]:
+    """The notebook stems in course order."""
+    return sorted(p.stem for p in SCRIPTS.glob("[0-9][0-9]_*.py"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--execute", action="store_true", help="run each notebook and keep its outputs")
+    parser.add_argument("only", nargs="*", help="stems to build (default: all)")
+    args = parser.parse_args(argv)
+    stems = order()
+    for stem in args.only or stems:
+        nb = build(stem, order=stems)
+        if args.execute:
+            seconds = execute(nb)
+            print(f"{stem}: ran in {seconds:.0f} s (COURSE says {COURSE[stem].seconds} s)", file=sys.stderr)
+            nb = static_outputs(nb)
+        nbformat.write(nb, NOTEBOOKS / f"{stem}.ipynb")
+
+
+if __name__ == "__main__":
+    main()
