@@ -371,6 +371,11 @@ def _build(path: Path, *, family: str, specs: dict, metadata: dict[str, str], st
     return pipe, prediction, {k: str(v.dtype).removeprefix("torch.") for k, v in parts.items() if hasattr(v, "dtype")}
 
 
+def is_loaded(path: Path) -> bool:
+    """Whether load() would return this file's pipeline from memory (no load needed)."""
+    return any(key[0] == str(Path(path).resolve()) for key in _cache)
+
+
 def load(name_or_path: str | Path, *, root: str | Path | None = None, family: str | None = None,
          prediction: str | None = None):
     """Load a single-file checkpoint (by name in models/checkpoints or by path) as a diffusers pipeline, offline.

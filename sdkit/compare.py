@@ -75,8 +75,8 @@ class CompareGroup(ControlGroup):
         return variants(settings, field=self.field.value, values=parse_values(self.field.value, self.values.value))
 
     def compose(self, images: list[Image.Image], settings: list[GenerationSettings]) -> Image.Image | None:
-        """The strip of pictures, labelled with the compared values."""
-        if not self.on.value or len(images) < 2:
+        """The strip of pictures, labelled with the value that differs (read from the runs, not the controls)."""
+        field = next((f for f in FIELDS if len({getattr(s, f) for s in settings}) > 1), None)
+        if field is None:
             return None
-        field = self.field.value
         return strip(images, labels=[f"{field} {getattr(s, field)}" for s in settings])

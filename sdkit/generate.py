@@ -202,7 +202,18 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
 
     `cancel` is a callable (or threading.Event) checked between steps; when it is set, `Cancelled` is raised.
     `on_step(done, total, latents, denoised)` is called after every step (denoised: the step's x0 estimate or None).
+    One run at a time per pipeline: a panel's worker thread and a notebook cell may share it, and diffusers keeps
+    per-run state on the pipeline object.
     """
+    import threading
+
+    lock = pipe.__dict__.setdefault("_sdkit_lock", threading.RLock())
+    with lock:
+        return _generate(pipe, settings, progress=progress, cancel=cancel, on_step=on_step)
+
+
+def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_step) -> list:
+    """generate() without the lock."""
     import torch
     from tqdm.auto import tqdm
 

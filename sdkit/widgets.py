@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import ipywidgets as w
@@ -169,8 +169,23 @@ class Shot:
 # --- the panel -------------------------------------------------------------------------------------
 
 
+@dataclass
+class Job:
+    """One request to the worker: the runs to make (none: just load the model), and its own cancel flag."""
+
+    runs: list[GenerationSettings]
+    model: str
+    preview: bool
+    requested: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
 class Panel:
-    """Prompt, seed, sliders, Generate/Cancel, progress, live preview and a gallery, for one model at a time."""
+    """Prompt, seed, sliders, Generate/Cancel, progress, live preview and a gallery, for one model at a time.
+
+    The model is loaded by name through `checkpoints.load` (which keeps one pipeline in memory), so a panel never
+    holds a second copy; a pipeline passed in is used as the model dropdown's first entry.
+    """
 
     def __init__(self, model="shapes-v1", *, groups: list[ControlGroup] = (), settings: GenerationSettings | None = None,
                  root: str | Path | None = None, auto_run: bool | None = None, preview: bool = True,
@@ -179,30 +194,33 @@ class Panel:
 
         self.groups = list(groups)
         self.root, self.out_dir = root, Path(out_dir)
-        self.pipe, self.family = None, "sd1"
+        self.family = "sd1"
         self.gallery: list[Shot] = []
         self.last_error: str = ""  # the full traceback of the last unexpected error
         self.last_shown_at = 0.0  # perf_counter() when the last finished image was put on screen
+        self._given: tuple[str, object] | None = None  # (dropdown entry, pipeline) for a pipeline passed in
         self._lock = threading.Lock()
-        self._pending: tuple | None = None
-        self._worker: threading.Thread | None = None
         self._wake = threading.Condition(self._lock)
-        self._running = False
+        self._pending: Job | None = None
+        self._current: Job | None = None
+        self._worker: threading.Thread | None = None
+        self._timer: threading.Timer | None = None
         self._idle = threading.Event()
         self._idle.set()
-        self._cancel = threading.Event()
-        self._timer: threading.Timer | None = None
         self._quiet = 0  # >0 while the panel itself sets controls: no auto-run for those changes
 
         self.controls = {name: make(RANGES["sd1"]) for name, make in CONTROLS.items()}
         names = ModelPaths.from_root(root).list("checkpoints")
         if not isinstance(model, (str, Path)):  # a pipeline loaded by the caller
-            self.pipe = model
             info = getattr(model, "sdkit", None)
-            self.family = info.family if info else ("sdxl" if hasattr(model, "text_encoder_2") else "sd1")
-            model = info.name if info else "(in memory)"
-        model = next((n for n in names if Path(n).stem == Path(model).stem), str(model))
-        self.controls["model"].options = names if model in names else [model] + names
+            entry = f"{info.name} (loaded)" if info else "(in memory)"
+            self._given = (entry, model)
+            names = [entry] + names
+            model = entry
+        else:
+            model = next((n for n in names if Path(n).stem == Path(model).stem), str(model))
+            names = names if model in names else [model] + names
+        self.controls["model"].options = names
         self.auto_run = w.Checkbox(description="auto-run", indent=False, layout=w.Layout(width="100px"),
                                    tooltip="re-render by itself when a control changes")
         self.preview = w.Checkbox(value=preview, description="live preview", indent=False,
@@ -221,7 +239,7 @@ class Panel:
 
         self._quiet += 1
         self.controls["model"].value = model
-        self._set_model_controls(self.family if self.pipe is not None else self._family_of(model))
+        self._set_model_controls(self._family_of(model) or "sd1")
         self.show(settings or GenerationSettings(prompt="a red circle on a white background", steps=20, seed=1,
                                                  width=self.controls["width"].value,
                                                  height=self.controls["height"].value))
@@ -234,10 +252,8 @@ class Panel:
         self.cancel_button.on_click(lambda _: self.cancel())
         for name, control in self.controls.items():
             control.observe(self._model_changed if name == "model" else self._changed, names="value")
-        for group in self.groups:
-            for control in group.widgets:
-                if hasattr(control, "value"):
-                    control.observe(self._changed, names="value")
+        for control in _value_widgets([c for g in self.groups for c in g.widgets]):
+            control.observe(self._changed, names="value")
         self.box = self._layout()
 
     # --- building -----------------------------------------------------------------------------------
@@ -251,7 +267,7 @@ class Panel:
             getattr(self, name).add_class("sdkit-" + name.replace("_button", "").replace("_box", "").replace("_", "-"))
 
     def _layout(self) -> w.VBox:
-        """The controls in the order a learner reads them."""
+        """The controls in the order a learner reads them, the picture beside them, the gallery below."""
         c = self.controls
         rows = [c["model"], w.HBox([self.auto_run, self.preview]), c["prompt"], c["negative_prompt"],
                 w.HBox([c["seed"], self.dice, self.seed_used]), c["steps"], c["cfg"],
@@ -287,49 +303,75 @@ class Panel:
     def settings(self) -> GenerationSettings:
         """The settings the controls show now, with every group's part written in."""
         values = {name: control.value for name, control in self.controls.items()}
-        values["model"] = Path(values["model"] or "").stem
+        values["model"] = Path(str(values["model"] or "").removesuffix(" (loaded)")).stem
         settings = GenerationSettings(**values)
         for group in self.groups:
             settings = group.update(settings)
         return settings
 
+    def runs(self) -> list[GenerationSettings]:
+        """The runs one press of Generate makes now (groups may make several), each checked."""
+        from sdkit.generate import check_sampler
+
+        runs = [self.settings()]
+        for group in self.groups:
+            runs = [variant for run in runs for variant in group.variants(run)]
+        for run in runs:
+            run.check()
+            check_sampler(run)
+        return runs
+
     def show(self, settings: GenerationSettings) -> None:
         """Put settings into the controls (the gallery's "use these settings"); one re-render if auto-run is on."""
+        notes = []
         self._quiet += 1
         try:
             wanted = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name in self.controls}
             model = self._option_for(wanted.pop("model"))
             if model and model != self.controls["model"].value:
                 self.controls["model"].value = model
-                self._set_model_controls(self._family_of(model))
+                self._set_model_controls(self._family_of(model) or self.family)
             for name, value in wanted.items():
                 control = self.controls[name]
-                if hasattr(control, "max"):
-                    value = min(max(value, control.min), control.max)
+                if hasattr(control, "max") and not isinstance(control, w.BoundedIntText):
+                    control.max, control.min = max(control.max, value), min(control.min, value)  # reproduce, not clamp
+                options = [v for _, v in control.options] if isinstance(control, w.Dropdown) else None
+                if options is not None and value not in options:
+                    notes.append(f"{name} {value!r} is not offered here; kept {control.value!r}")
+                    continue
                 control.value = value
             for group in self.groups:
                 group.show(settings)
         finally:
             self._quiet -= 1
+        if notes:
+            self.status.value = self._message("; ".join(notes) + ".", "error")
         self._changed(None)
 
     def _option_for(self, model: str) -> str | None:
         """The model dropdown's entry for a settings' model name (A1111 writes it without folder or extension)."""
         for option in self.controls["model"].options:
-            if model and (option == model or Path(option).stem == Path(model).stem):
+            if model and (option == model or Path(option.removesuffix(" (loaded)")).stem == Path(model).stem):
                 return option
         return None
 
-    def _family_of(self, name: str) -> str:
-        """The family of a model in the folders, read from its tensor names only (no load)."""
+    def _family_of(self, entry: str) -> str | None:
+        """The family of a dropdown entry, from its tensor names only (no load); None when that can't be told cheaply."""
         from sdkit import formats
         from sdkit.paths import ModelPaths
 
+        if self._given and entry == self._given[0]:
+            pipe = self._given[1]
+            info = getattr(pipe, "sdkit", None)
+            return info.family if info else ("sdxl" if hasattr(pipe, "text_encoder_2") else "sd1")
         try:
-            specs, metadata = formats.read_specs(ModelPaths.from_root(self.root).find("checkpoints", name))
+            path = ModelPaths.from_root(self.root).find("checkpoints", entry)
+            if formats.file_format(path) == "pickle":
+                return None  # reading a pickle's names means reading all of it: the load will tell
+            specs, metadata = formats.read_specs(path)
             return formats.detect_family(specs, metadata)
         except SdkitError:
-            return "sd1"  # the load will say what is wrong with the file
+            return None  # the load will say what is wrong with the file
 
     def _set_model_controls(self, family: str) -> None:
         """Ranges, native size and auto-run default for a model family."""
@@ -353,64 +395,86 @@ class Panel:
         if self._quiet or not self.auto_run.value:
             return
         with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
+            self._drop_timer()
             self._idle.clear()  # wait() covers the run this change is about to start
             self._timer = threading.Timer(DEBOUNCE_S, self._fire)
             self._timer.daemon = True
             self._timer.start()
 
     def _fire(self) -> None:
-        """The debounce timer ran out: start the run."""
+        """The debounce timer ran out: start the run, unless a newer change or a Cancel replaced this timer."""
         with self._lock:
-            self._timer = None
+            if self._timer is not threading.current_thread():
+                return
         self.generate()
 
+    def _drop_timer(self) -> None:
+        """Forget the debounce timer (call with the lock held); a timer already firing sees it is no longer current."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _model_changed(self, change) -> None:
-        """Another model picked: its ranges now, its weights loaded in the background."""
+        """Another model picked: its ranges now, its weights loaded in the background (and drawn, with auto-run)."""
         if self._quiet:
             return
-        self._set_model_controls(self._family_of(change["new"]))
-        self._submit(None if not self.auto_run.value else self.settings())
+        family = self._family_of(change["new"])
+        if family:
+            self._set_model_controls(family)
+        if self.auto_run.value:
+            self.generate()
+        else:
+            self._submit([])
 
     def generate(self, *, wait: bool = False) -> None:
         """Start a run with the controls' settings; a run in progress is cancelled first (the newest wins)."""
         try:
-            settings = self.settings()
-        except SdkitError as error:
-            self.status.value = self._message(one_line(error), "error")
+            runs = self.runs()
+        except Exception as error:  # noqa: BLE001 - bad settings (or a group's bug) become one line
+            self._report(error)
+            with self._lock:
+                self._drop_timer()
             self._settle()
             return
-        self._submit(settings)
+        self._submit(runs)
         if wait:
             self.wait()
 
     def cancel(self) -> None:
-        """Stop the run in progress after the step it is on; the pipeline stays usable."""
+        """Stop the run in progress after the step it is on, and drop any queued one; the pipeline stays usable."""
         with self._lock:
             self._pending = None
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-        self._cancel.set()
+            self._drop_timer()
+            if self._current is not None:
+                self._current.cancel.set()
         self._settle()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until no run is in progress or due; False if `timeout` seconds passed first.
+
+        While it blocks, the notebook handles no clicks (Cancel included): use it in scripts and tests.
+        """
+        if threading.current_thread() is self._worker:
+            raise SdkitError("panel.wait() was called from the panel's own worker thread; it would never return.",
+                             fix="call wait() from the notebook, not from a control group's prepare/compose")
+        return self._idle.wait(timeout)
 
     def _settle(self) -> None:
         """Mark the panel idle if nothing runs or waits to run."""
         with self._lock:
-            if self._timer is None and self._pending is None and not self._running:
+            if self._timer is None and self._pending is None and self._current is None:
                 self._idle.set()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until no run is in progress or queued; False if `timeout` seconds passed first."""
-        return self._idle.wait(timeout)
-
-    def _submit(self, settings: GenerationSettings | None) -> None:
-        """Queue a run (None: just load the chosen model) and make sure the worker thread is going."""
+    def _submit(self, runs: list[GenerationSettings]) -> None:
+        """Queue a job (no runs: just load the chosen model), replacing any queued one; cancel the running one."""
+        job = Job(runs=runs, model=self.controls["model"].value, preview=self.preview.value,
+                  requested=time.perf_counter())
         with self._lock:
-            self._pending = (settings, self.controls["model"].value, self.preview.value, time.perf_counter())
+            self._drop_timer()
+            self._pending = job
             self._idle.clear()
-            self._cancel.set()  # the run in progress (if any) stops at its next step
+            if self._current is not None:
+                self._current.cancel.set()  # the run in progress stops at its next step
             if self._worker is None:
                 # One long-lived thread: a new thread per run would also build a new OpenMP thread team (~0.1 s).
                 self._worker = threading.Thread(target=self._work, name="sdkit-panel", daemon=True)
@@ -418,90 +482,97 @@ class Panel:
             self._wake.notify()
 
     def _work(self) -> None:
-        """The worker thread: run the newest request, then sleep until the next. Widgets are set, never printed to."""
+        """The worker thread: run the newest job, then sleep until the next. Widgets are set, never printed to."""
         while True:
             with self._lock:
                 while self._pending is None:
-                    if self._timer is None:
+                    if self._timer is None and self._current is None:
                         self._idle.set()
                     self._wake.wait()
-                job, self._pending = self._pending, None
-                self._running = True
-                self._cancel.clear()
+                self._current, self._pending = self._pending, None
             try:
-                self._run(*job)
+                self._run(self._current)
+            except BaseException:  # noqa: BLE001 - the worker must outlive anything a run (or a group) throws
+                self.last_error = traceback.format_exc()
             finally:
                 with self._lock:
-                    self._running = False
+                    self._current = None
 
-    def _run(self, settings: GenerationSettings | None, model: str, preview: bool, requested: float) -> None:
-        """Load if needed, then make the images of one request; every outcome ends as one line in the status."""
+    def _run(self, job: Job) -> None:
+        """Load if needed, then make the images of one job; every outcome ends as one line in the status."""
         self.generate_button.disabled, self.cancel_button.disabled = True, False
         self.progress.bar_style = ""
         started = time.perf_counter()
         try:
-            pipe = self._load(model)
-            if settings is None:
-                self.status.value = self._message(f"{model} is loaded.", "info")
+            pipe = self._load(job.model)
+            if not job.runs:
+                self.status.value = self._message(f"{job.model} is loaded.", "info")
                 return
-            self._make(pipe, settings, preview=preview)
+            self.status.value = self._message("Running …", "info")
+            self._make(pipe, job)
             self.status.value = self._message(
-                f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - requested:.2f} s since the "
+                f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
                 f"change).", "info")
         except Cancelled:
             self.progress.bar_style = "warning"
-            self.status.value = self._message(f"Cancelled after step {self.progress.value} of {self.progress.max}; "
-                                              f"press Generate to run again.", "info")
+            if self._pending is None:  # a newer request replaced this run: its own status follows
+                self.status.value = self._message(f"Cancelled after step {self.progress.value} of "
+                                                  f"{self.progress.max}; press Generate to run again.", "info")
         except Exception as error:  # noqa: BLE001 - anything from a run becomes one line; the panel keeps working
-            if not isinstance(error, SdkitError):
-                self.last_error = traceback.format_exc()
             self.progress.bar_style = "danger"
-            self.status.value = self._message(one_line(error), "error")
+            self._report(error)
         finally:
             self.generate_button.disabled, self.cancel_button.disabled = False, True
 
-    def _load(self, model: str):
-        """The pipeline for the model chosen (loaded once; checkpoints.load caches the last one)."""
-        if self.pipe is not None and getattr(self.pipe, "sdkit", None) is None:
-            return self.pipe  # an in-memory pipeline given by the caller
-        if self.pipe is not None and self.pipe.sdkit.name == Path(model).name:
-            return self.pipe
+    def _report(self, error: BaseException) -> None:
+        """Show an error as one line; keep the traceback of an unexpected one for a bug report."""
+        if not isinstance(error, SdkitError):
+            self.last_error = "".join(traceback.format_exception(error))
+        self.status.value = self._message(one_line(error), "error")
+
+    def _load(self, entry: str):
+        """The pipeline for a dropdown entry: the one passed in, or checkpoints.load's (cached) one."""
+        if self._given and entry == self._given[0]:
+            return self._given[1]
         from sdkit import checkpoints
+        from sdkit.paths import ModelPaths
 
-        self.status.value = self._message(f"Loading {model} …", "info")
-        self.pipe = None  # let the old one go before the new one is built
-        self.pipe = checkpoints.load(model, root=self.root)
-        self.family = self.pipe.sdkit.family
-        return self.pipe
+        path = ModelPaths.from_root(self.root).find("checkpoints", entry)
+        if not checkpoints.is_loaded(path):
+            self.status.value = self._message(f"Loading {entry} …", "info")
+        pipe = checkpoints.load(path, root=self.root)
+        if pipe.sdkit.family != self.family:  # a pickle's family is known only now
+            self._set_model_controls(pipe.sdkit.family)
+        return pipe
 
-    def _make(self, pipe, settings: GenerationSettings, *, preview: bool) -> None:
-        """Generate every variant of the settings, show the picture and add each image to the gallery."""
+    def _make(self, pipe, job: Job) -> None:
+        """Generate every run of a job, show the picture and add each image to the gallery."""
         from sdkit.generate import generate
 
-        runs = [settings]
-        for group in self.groups:
-            runs = [variant for run in runs for variant in group.variants(run)]
-        total = sum(run.steps for run in runs)
+        total = sum(run.steps for run in job.runs)
         self.progress.max, self.progress.value = total, 0
         self.progress_text.value = f"0/{total}"
-        done_before, last_preview = 0, [0.0]
+        done_before, last_preview, preview = 0, [0.0], [job.preview]
 
         def on_step(done: int, steps: int, latents, denoised) -> None:
             self.progress.value = done_before + done
             self.progress_text.value = f"{done_before + done}/{total}"
             now = time.perf_counter()
-            if preview and done < steps and now - last_preview[0] > PREVIEW_EVERY_S:
-                from sdkit import preview as previews
+            if preview[0] and done < steps and now - last_preview[0] > PREVIEW_EVERY_S:
+                try:
+                    from sdkit import preview as previews
 
-                picture = previews.to_image(latents if denoised is None else denoised, pipe.vae)
-                self._put(picture)
+                    self._put(previews.to_image(latents if denoised is None else denoised, pipe.vae))
+                except Exception:  # noqa: BLE001 - a preview must never cost the picture
+                    self.last_error = traceback.format_exc()
+                    preview[0] = False
                 last_preview[0] = now
 
         images, made = [], []
-        for run in runs:
+        for run in job.runs:
             for group in self.groups:
                 group.prepare(pipe, run)
-            image = generate(pipe, run, progress=False, cancel=self._cancel, on_step=on_step)[0]
+            image = generate(pipe, run, progress=False, cancel=job.cancel, on_step=on_step)[0]
             done_before += run.steps
             images.append(image)
             made.append(image.sdkit_settings)
@@ -511,7 +582,7 @@ class Panel:
         self.progress.value = total
         self.progress_text.value = f"{total}/{total}"
         self.progress.bar_style = "success"
-        self.seed_used.value = f"seed used: <b>{made[-1].seed}</b>" if settings.seed == -1 else ""
+        self.seed_used.value = f"seed used: <b>{made[-1].seed}</b>" if job.runs[-1].seed == -1 else ""
         for image, used in zip(images, made):
             self._add_to_gallery(image, used, model_hash=getattr(getattr(pipe, "sdkit", None), "autov2", ""))
 
@@ -526,14 +597,17 @@ class Panel:
     # --- gallery ------------------------------------------------------------------------------------
 
     def _add_to_gallery(self, image: Image.Image, settings: GenerationSettings, *, model_hash: str) -> None:
-        """Put an image first in the gallery, with its parameters text, Use and Save."""
+        """Put an image first in the gallery, with its parameters text, Use and Save; the oldest drops out."""
         from sdkit.metadata import format_parameters
 
         shot = Shot(image=image, settings=settings, model_hash=model_hash,
                     parameters=format_parameters(settings, model_hash=model_hash))
-        self.gallery = [shot] + self.gallery[: GALLERY_SIZE - 1]
         shot.thumbnail = self._thumbnail(shot)
+        dropped = self.gallery[GALLERY_SIZE - 1:]
+        self.gallery = [shot] + self.gallery[: GALLERY_SIZE - 1]
         self.gallery_box.children = [s.thumbnail for s in self.gallery]
+        for old in dropped:
+            _close(old.thumbnail)
 
     def _thumbnail(self, shot: Shot) -> w.Widget:
         """One gallery entry."""
@@ -564,8 +638,11 @@ class Panel:
             return None
         try:
             path = save_image(shot.image, settings=shot.settings, out_dir=self.out_dir, model_hash=shot.model_hash)
-        except SdkitError as error:
-            self.status.value = self._message(one_line(error), "error")
+        except (SdkitError, OSError) as error:
+            self.status.value = self._message(one_line(error) if isinstance(error, SdkitError) else
+                                              f"Could not save into {self.out_dir}: {error}. Fix: choose a folder "
+                                              f"you can write to (Panel(out_dir=...)) or free some disk space.",
+                                              "error")
             return None
         self.status.value = self._message(f"Saved {path}", "info")
         return path
@@ -576,6 +653,24 @@ class Panel:
         colour = {"error": "#b00020", "info": "inherit"}[kind]
         mark = "⚠ " if kind == "error" else ""
         return f"<span class='sdkit-{kind}' style='color:{colour}'>{mark}{html.escape(text)}</span>"
+
+
+def _value_widgets(widgets: list[w.Widget]) -> list[w.Widget]:
+    """Every widget with a value in a tree of boxes."""
+    found = []
+    for widget in widgets:
+        if hasattr(widget, "children"):
+            found += _value_widgets(list(widget.children))
+        elif hasattr(widget, "value"):
+            found.append(widget)
+    return found
+
+
+def _close(widget: w.Widget) -> None:
+    """Close a widget and everything in it (frees the browser's copy and the kernel's)."""
+    for child in getattr(widget, "children", ()):
+        _close(child)
+    widget.close()
 
 
 def panel(model="shapes-v1", **kwargs) -> Panel:

@@ -34,8 +34,9 @@ def test_notebook_is_built_from_its_script(stem):
 
 
 @pytest.mark.parametrize("stem", STEMS)
-def test_saved_outputs_hold_no_live_widgets(stem):
+def test_saved_notebook_is_valid_and_holds_no_live_widgets(stem):
     saved = committed(stem)
+    nbformat.validate(saved)
     assert "widgets" not in saved.metadata
     for cell in saved.cells:
         for output in cell.get("outputs", []):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 
 import numpy as np
 import pytest
@@ -94,7 +95,7 @@ def test_dice_sets_a_new_seed(panel):
     assert panel.controls["seed"].value != before
 
 
-def test_cancel_stops_within_one_step_and_pipeline_stays_usable(panel):
+def test_cancel_stops_within_one_step_and_pipeline_stays_usable(panel, shapes):
     panel.show(FAST.replace(steps=50))
     asked_at = []
 
@@ -111,7 +112,7 @@ def test_cancel_stops_within_one_step_and_pipeline_stays_usable(panel):
     assert panel.gallery == [] and not panel.generate_button.disabled
     panel.show(FAST)
     panel.generate(wait=True)
-    clean = widgets.Panel(panel.pipe, settings=FAST, auto_run=False)
+    clean = widgets.Panel(shapes, settings=FAST, auto_run=False)
     clean.generate(wait=True)
     assert np.array_equal(np.asarray(panel.gallery[0].image), np.asarray(clean.gallery[0].image))
 
@@ -207,7 +208,7 @@ def test_live_preview_updates_the_image_while_denoising(panel, monkeypatch):
     assert len(shown) == 1
 
 
-def test_a_group_adds_its_part_and_prepares_the_pipe(panel):
+def test_a_group_adds_its_part_and_prepares_the_pipe(shapes):
     calls = []
 
     class Note(widgets.ControlGroup):
@@ -225,15 +226,15 @@ def test_a_group_adds_its_part_and_prepares_the_pipe(panel):
         def prepare(self, pipe, settings):
             calls.append((pipe, settings.extra["Note"]))
 
-    p = widgets.Panel(panel.pipe, settings=FAST, groups=[Note()], auto_run=False)
+    p = widgets.Panel(shapes, settings=FAST, groups=[Note()], auto_run=False)
     p.generate(wait=True)
-    assert calls == [(panel.pipe, "hello")]
+    assert calls == [(shapes, "hello")]
     assert "Note: hello" in p.gallery[0].parameters
 
 
-def test_compare_group_makes_one_picture_per_value(panel):
+def test_compare_group_makes_one_picture_per_value(shapes):
     group = CompareGroup(field="cfg", values="1, 7", on=True)
-    p = widgets.Panel(panel.pipe, settings=FAST, groups=[group], auto_run=False)
+    p = widgets.Panel(shapes, settings=FAST, groups=[group], auto_run=False)
     p.generate(wait=True)
     assert [shot.settings.cfg for shot in p.gallery] == [7.0, 1.0]
     assert p.progress.value == p.progress.max == 8
@@ -252,7 +253,7 @@ def test_switching_model_loads_it_and_sets_its_family(tmp_path, monkeypatch):
     p.controls["model"].value = "painter.safetensors"
     assert p.wait(60)
     assert p.family == "sd1" and not p.auto_run.value and p.controls["width"].value == 512
-    assert "painter.safetensors is loaded" in p.status.value and p.pipe.sdkit.name == "painter.safetensors"
+    assert "painter.safetensors is loaded" in p.status.value
     p.show(FAST.replace(width=256, height=256))
     p.generate(wait=True)
     assert "Done" in p.status.value and p.gallery[0].settings.model == "painter"
@@ -273,3 +274,68 @@ def test_a_broken_model_file_is_one_line_and_another_model_still_works(tmp_path,
     p.wait(60)
     p.generate(wait=True)
     assert "Done" in p.status.value
+
+
+def test_group_controls_inside_boxes_trigger_auto_run(shapes):
+    group = CompareGroup(field="seed", values="1, 2")
+    p = widgets.Panel(shapes, settings=FAST, groups=[group], auto_run=True)
+    group.on.value = True  # the checkbox sits inside an HBox
+    assert p.wait(60)
+    assert [shot.settings.seed for shot in p.gallery] == [2, 1]
+
+
+def test_show_reproduces_settings_outside_the_usual_ranges_and_names_what_it_cannot(panel):
+    panel.show(FAST.replace(steps=200, cfg=35.0))
+    assert panel.controls["steps"].value == 200 and panel.controls["cfg"].value == 35.0
+    panel.show(FAST.replace(sampler="dpm_fast"))
+    assert "sampler 'dpm_fast' is not offered here" in html.unescape(panel.status.value)
+    assert panel.controls["sampler"].value == "euler_a"
+
+
+def test_a_group_bug_while_auto_running_is_one_line_and_wait_returns(shapes):
+    class Buggy(widgets.ControlGroup):
+        def __init__(self):
+            import ipywidgets as w
+
+            self.knob = w.IntSlider(value=1)
+            self.widgets = [self.knob]
+
+        def update(self, settings):
+            if self.knob.value > 1:
+                raise ValueError("knob out of order")
+            return settings
+
+    group = Buggy()
+    p = widgets.Panel(shapes, settings=FAST, groups=[group], auto_run=True)
+    group.knob.value = 2
+    assert p.wait(30), "a failing run must leave the panel idle"
+    assert "ValueError: knob out of order" in p.status.value and "Traceback" in p.last_error
+    group.knob.value = 1
+    assert p.wait(30) and "Done" in p.status.value
+
+
+def test_wait_from_the_worker_is_refused(panel):
+    seen = []
+
+    class Waits(widgets.ControlGroup):
+        widgets = []
+
+        def prepare(self, pipe, settings):
+            try:
+                panel.wait(1)
+            except Exception as error:  # noqa: BLE001
+                seen.append(error)
+
+    panel.groups.append(Waits())
+    panel.generate(wait=True)
+    assert seen and "worker thread" in str(seen[0])
+
+
+def test_a_failing_preview_does_not_cost_the_picture(panel, monkeypatch):
+    from sdkit import preview
+
+    monkeypatch.setattr(widgets, "PREVIEW_EVERY_S", 0.0)
+    monkeypatch.setattr(preview, "to_image", lambda *a, **k: 1 / 0)
+    panel.generate(wait=True)
+    assert "Done" in panel.status.value and len(panel.gallery) == 1
+    assert "ZeroDivisionError" in panel.last_error

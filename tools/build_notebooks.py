@@ -120,6 +120,8 @@ def static_outputs(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Drop live-widget outputs (kept only as the static picture they carry) and the saved widget state."""
     nb.metadata.pop("widgets", None)
     for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
         outputs = []
         for output in cell.get("outputs", []):
             data = output.get("data", {})
