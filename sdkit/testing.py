@@ -79,3 +79,53 @@ def write_named(path: Path, names: tuple[str, ...] = FLUX_ALL_IN_ONE, *, dtype: 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({name: torch.zeros(4, 4, dtype=dtype) for name in names}, str(path))
     return path
+
+
+def write_lora(pipe, path: Path, *, kind: str = "lora", naming: str = "kohya", rank: int = 2, alpha: float = 1.0,
+               seed: int = 0, scale: float = 0.3, dora: bool = False, text_encoder: bool = True,
+               metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """A random LoRA for `pipe`'s attention (and text-encoder) layers in a real file layout; returns its tensors.
+
+    kind: lora | loha | lokr; naming: kohya (diffusers-style UNet names), sai (the original UNet names, as kohya
+    writes SDXL files), peft (diffusers' own `unet.<module>.lora_A.weight`).
+    """
+    from safetensors.torch import save_file
+
+    from sdkit.loras import _ldm_unet_names
+
+    generator = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=generator) * scale  # noqa: E731
+    ldm = _ldm_unet_names(pipe) if naming == "sai" else {}
+    parts = [("unet", pipe.unet)] + ([("text_encoder", pipe.text_encoder)] if text_encoder else [])
+    tensors: dict[str, torch.Tensor] = {}
+    for component, model in parts:
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not name.endswith(("to_q", "to_k", "to_v", "q_proj", "v_proj")):
+                continue
+            out_f, in_f = module.weight.shape
+            if naming == "peft":
+                full = name if component == "unet" or name.startswith("text_model.") else "text_model." + name
+                layer = f"{component}.{full}"
+            elif component == "unet":
+                layer = "lora_unet_" + (ldm[name + ".weight"].removesuffix(".weight") if naming == "sai" else name).replace(".", "_")
+            else:
+                full = name if name.startswith("text_model.") else "text_model." + name
+                layer = "lora_te_" + full.replace(".", "_")
+            if kind == "lora" and naming == "peft":
+                tensors[f"{layer}.lora_A.weight"], tensors[f"{layer}.lora_B.weight"] = rand(rank, in_f), rand(out_f, rank)
+            elif kind == "lora":
+                tensors[f"{layer}.lora_down.weight"], tensors[f"{layer}.lora_up.weight"] = rand(rank, in_f), rand(out_f, rank)
+            elif kind == "loha":
+                for i in (1, 2):
+                    tensors[f"{layer}.hada_w{i}_a"], tensors[f"{layer}.hada_w{i}_b"] = rand(out_f, rank), rand(rank, in_f)
+            else:  # lokr: w1 small and full, w2 low-rank, as LyCORIS's factorization writes them
+                f_out, f_in = 2 if out_f % 2 == 0 else 1, 2 if in_f % 2 == 0 else 1
+                tensors[f"{layer}.lokr_w1"] = rand(f_out, f_in)
+                tensors[f"{layer}.lokr_w2_a"], tensors[f"{layer}.lokr_w2_b"] = rand(out_f // f_out, rank), rand(rank, in_f // f_in)
+            if naming != "peft":
+                tensors[f"{layer}.alpha"] = torch.tensor(float(alpha))
+            if dora:
+                tensors[f"{layer}.dora_scale"] = module.weight.detach().float().norm(dim=0, keepdim=True) * 1.1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return tensors
