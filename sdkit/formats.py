@@ -130,6 +130,16 @@ def _numpy_globals() -> list:
 
 def load_pickle(path: Path) -> dict:
     """A .ckpt/.pt/.bin state dict through torch.load(weights_only=True) only; anything more is refused."""
+    data = read_pickle(path)
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise SdkitError(f"{path} holds a {type(data).__name__}, not a dict of tensors.", fix="use a state-dict file")
+    return {k: v for k, v in data.items() if hasattr(v, "shape")}
+
+
+def read_pickle(path: Path):
+    """Whatever a .ckpt/.pt/.bin holds (dicts, tensors, numbers, strings), through torch.load(weights_only=True) only."""
     import torch
 
     if path.stat().st_size == 0:
@@ -160,11 +170,7 @@ def load_pickle(path: Path) -> dict:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:160]
         raise SdkitError(f"{path} could not be read as a PyTorch file ({reason}).",
                          fix="the file is damaged or truncated; download it again") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise SdkitError(f"{path} holds a {type(data).__name__}, not a dict of tensors.", fix="use a state-dict file")
-    return {k: v for k, v in data.items() if hasattr(v, "shape")}
+    return data
 
 
 def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:

@@ -148,8 +148,10 @@ def _run_encoder(pipe, prompt: str, *, clip_skip: int):
     """The text encoder's output for one prompt."""
     import torch
 
+    from sdkit.embeddings import expand
+
     tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    ids = tokenizer(expand(pipe, prompt), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(encoder.device)
     with torch.inference_mode():
         out = encoder(ids, output_hidden_states=clip_skip > 1)
@@ -231,7 +233,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                          fix="use clip_skip=1 (or 2, as many anime models want)")
     # 2. Encode the prompts once for the whole batch.
     if xl:
-        prompt_args = {"prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
+        from sdkit.embeddings import expand
+
+        prompt_args = {"prompt": expand(pipe, settings.prompt), "negative_prompt": expand(pipe, settings.negative_prompt),
                        "clip_skip": settings.clip_skip - 1 or None}
     else:
         prompt_args = {"prompt_embeds": _encode(pipe, settings.prompt, clip_skip=settings.clip_skip),

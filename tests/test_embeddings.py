@@ -1,0 +1,112 @@
+"""Textual-inversion embeddings on tiny pipelines, in every file layout people share."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdkit import checkpoints, embeddings
+from sdkit.errors import SdkitError
+from sdkit.generate import GenerationSettings, generate
+
+FAST = GenerationSettings(prompt="a photo of a cat", seed=3, steps=3, width=32, height=32)
+
+
+def sd1(tiny_files):
+    return checkpoints.load(tiny_files["sd1"])
+
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(data, str(path))
+    else:
+        torch.save(data, path)
+    return path
+
+
+def rows(n: int, width: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout", ["a1111_pt", "kohya_safetensors", "diffusers_bin"])
+def test_every_layout_teaches_the_word(tiny_files, tmp_path, layout):
+    vectors = rows(2 if layout != "diffusers_bin" else 1, 32)
+    data = {"a1111_pt": {"string_to_param": {"*": vectors}, "name": "glowcat", "step": 100},
+            "kohya_safetensors": {"emb_params": vectors},
+            "diffusers_bin": {"<glowcat>": vectors[0]}}[layout]
+    suffix = {"a1111_pt": ".pt", "kohya_safetensors": ".safetensors", "diffusers_bin": ".bin"}[layout]
+    emb = embeddings.load(write(tmp_path / f"glowcat{suffix}", data))
+    assert emb.name == "glowcat" and emb.count == len(vectors)
+    pipe = sd1(tiny_files)
+    embeddings.apply(pipe, emb)
+    prompt = embeddings.expand(pipe, "a photo of glowcat, glowcatty")
+    assert prompt == "a photo of " + " ".join(embeddings.tokens("glowcat", len(vectors))) + ", glowcatty"
+    ids = pipe.tokenizer(prompt).input_ids
+    table = pipe.text_encoder.get_input_embeddings().weight
+    learned = [i for i in ids if i >= 49408]
+    assert len(learned) == len(vectors)
+    torch.testing.assert_close(table[learned].float(), vectors.to(table.dtype).float())
+
+
+def test_the_word_changes_the_picture_in_prompt_and_negative(tiny_files, tmp_path):
+    pipe = sd1(tiny_files)
+    embeddings.apply(pipe, embeddings.load(write(tmp_path / "zorp.safetensors", {"emb_params": rows(3, 32) * 5})))
+    plain = np.asarray(generate(pipe, FAST.replace(prompt="a photo of a"), progress=False)[0])
+    with_word = np.asarray(generate(pipe, FAST.replace(prompt="a photo of a zorp"), progress=False)[0])
+    negative = np.asarray(generate(pipe, FAST.replace(prompt="a photo of a", negative_prompt="zorp"),
+                                   progress=False)[0])
+    assert not np.array_equal(plain, with_word) and not np.array_equal(plain, negative)
+
+
+def test_a_width_that_does_not_fit_is_refused_naming_both(tiny_files, tmp_path):
+    pipe = sd1(tiny_files)
+    before = pipe.text_encoder.get_input_embeddings().weight.shape
+    path = write(tmp_path / "wide.safetensors", {"emb_params": rows(1, 1024)})
+    with pytest.raises(SdkitError, match=r"1024-wide vectors \(SD2.x \(OpenCLIP-H\)\), but this model's text encoder "
+                                         r"takes 32-wide"):
+        embeddings.apply(pipe, embeddings.load(path))
+    assert pipe.text_encoder.get_input_embeddings().weight.shape == before
+    assert "wide" not in embeddings.loaded(pipe)
+
+
+def test_sdxl_pairs_go_to_both_encoders(tiny_files, tmp_path):
+    pipe = checkpoints.load(tiny_files["sdxl"])
+    pair = {"clip_l": rows(2, 32, 1), "clip_g": rows(2, 64, 2)}
+    embeddings.apply(pipe, embeddings.load(write(tmp_path / "xlword.safetensors", pair)))
+    for tokenizer, encoder, key in ((pipe.tokenizer, pipe.text_encoder, "clip_l"),
+                                    (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g")):
+        ids = tokenizer.convert_tokens_to_ids(embeddings.tokens("xlword", 2))
+        table = encoder.get_input_embeddings().weight
+        torch.testing.assert_close(table[ids].float(), pair[key].to(table.dtype).float())
+    image = generate(pipe, FAST.replace(prompt="xlword"), progress=False)[0]
+    assert image.size == (32, 32)
+
+
+def test_an_sd1_embedding_on_sdxl_says_it_needs_a_pair(tiny_files, tmp_path):
+    pipe = checkpoints.load(tiny_files["sdxl"])
+    with pytest.raises(SdkitError, match="needs a clip_l \\+ clip_g pair"):
+        embeddings.apply(pipe, embeddings.load(write(tmp_path / "one.safetensors", {"emb_params": rows(1, 32)})))
+
+
+def test_a_lora_in_the_embeddings_folder_is_named_for_what_it_is(tmp_path):
+    path = write(tmp_path / "lora.safetensors", {"lora_unet_x.lora_down.weight": rows(2, 8),
+                                                 "lora_unet_x.lora_up.weight": rows(8, 2)})
+    with pytest.raises(SdkitError, match="is not a textual-inversion embedding"):
+        embeddings.load(path)
+
+
+def test_a_pickle_that_runs_code_is_refused(tmp_path):
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"string_to_param": {"*": Payload()}}))
+    with pytest.raises(SdkitError):
+        embeddings.load(path)
+    assert not (tmp_path / "pwned").exists()
