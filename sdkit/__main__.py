@@ -34,7 +34,7 @@ def _info(args: argparse.Namespace) -> None:
     from sdkit.paths import ModelPaths
 
     path = ModelPaths.from_root(args.root).find(args.kind, args.file)
-    result = info(path)
+    result = _describe_addon(path, kind=args.kind) or info(path)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -42,13 +42,31 @@ def _info(args: argparse.Namespace) -> None:
         print(f"{key:<12} {', '.join(value) if isinstance(value, list) else value}")
 
 
+def _describe_addon(path: Path, *, kind: str) -> dict | None:
+    """info for a LoRA or embedding (by its folder, or by what its tensors look like); None for other files."""
+    from sdkit import embeddings, formats, loras
+
+    names = list(formats.read_specs(path)[0])
+    looks_like_lora = any(loras._split(n) for n in names) and not any(n.startswith("model.diffusion_model.") for n in names)
+    if kind == "loras" or looks_like_lora:
+        result = loras.describe(loras.load(path))
+    elif kind == "embeddings" or set(names) <= {"emb_params", "clip_l", "clip_g", "string_to_param.*"}:
+        result = embeddings.describe(embeddings.load(path))
+    else:
+        return None
+    result["sha256"] = formats.sha256(path)
+    result["autov2"] = result["sha256"][:10]
+    return result
+
+
 def _generate(args: argparse.Namespace) -> None:
     from sdkit.checkpoints import load
     from sdkit.generate import GenerationSettings, check_sampler, generate
     from sdkit.metadata import save_image
 
+    prompt = " ".join([args.prompt] + [f"<lora:{spec}>" for spec in args.lora])  # as A1111 writes them
     settings = GenerationSettings(
-        prompt=args.prompt,
+        prompt=prompt,
         negative_prompt=args.negative,
         seed=args.seed,
         steps=args.steps,
@@ -65,6 +83,8 @@ def _generate(args: argparse.Namespace) -> None:
     settings = settings.replace(width=args.width or pipe.sdkit.width, height=args.height or pipe.sdkit.height,
                                 model=Path(pipe.sdkit.name).stem)
     for image in generate(pipe, settings, progress=not args.quiet):
+        for note in getattr(image, "sdkit_notes", []):
+            print(f"note: {note}", file=sys.stderr)
         path = save_image(image, settings=image.sdkit_settings, out_dir=Path(args.out), model_hash=pipe.sdkit.autov2)
         print(path)
 
@@ -130,6 +150,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--height", type=int, default=0, help="default: the model's native size")
     s.add_argument("--batch", type=int, default=1, help="N images with seeds seed, seed+1, ...")
     s.add_argument("--clip-skip", type=int, default=1)
+    s.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="apply a LoRA from the loras folder (repeatable); same as <lora:NAME:WEIGHT> in the prompt")
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_generate)

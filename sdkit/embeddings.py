@@ -137,3 +137,24 @@ def expand(pipe, prompt: str) -> str:
 def loaded(pipe) -> list[str]:
     """The words this pipeline has learned from embeddings."""
     return list(pipe.__dict__.get("_sdkit_embeddings", {}))
+
+
+def from_prompt(pipe, *prompts: str, root: str | Path | None = None) -> list[str]:
+    """Apply every embedding in the embeddings folders whose name a prompt uses as a word (A1111's way); their names."""
+    registry = ModelPaths.from_root(root)
+    used = []
+    for file in registry.list("embeddings"):
+        name = Path(file).stem
+        if name in loaded(pipe) or not any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", p) for p in prompts):
+            continue
+        apply(pipe, load(registry.find("embeddings", file)))
+        used.append(name)
+    return used
+
+
+def describe(embedding: Embedding) -> dict:
+    """What `python -m sdkit info` says about an embedding file."""
+    widths = {key: rows.shape[1] for key, rows in embedding.vectors.items()}
+    family = "sdxl" if "clip_g" in widths else {768: "sd1", 1024: "sd2"}.get(widths.get("*"), "unknown")
+    return {"file": str(embedding.path), "type": "textual-inversion embedding", "word": embedding.name,
+            "vectors": embedding.count, "widths": widths, "family": family}

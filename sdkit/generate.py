@@ -231,15 +231,20 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     if settings.clip_skip > layers:
         raise SdkitError(f"clip_skip={settings.clip_skip} is more than this text encoder's {layers} layers.",
                          fix="use clip_skip=1 (or 2, as many anime models want)")
-    # 2. Encode the prompts once for the whole batch.
-    if xl:
-        from sdkit.embeddings import expand
+    # 2. The prompt's <lora:...> tags and embedding words: applied before encoding, kept in the image's settings.
+    from sdkit import embeddings, loras
 
-        prompt_args = {"prompt": expand(pipe, settings.prompt), "negative_prompt": expand(pipe, settings.negative_prompt),
+    prompt, applied = loras.from_prompt(pipe, settings.prompt)
+    negative, _ = loras.tags(settings.negative_prompt)  # as in A1111, tags in the negative prompt apply nothing
+    embeddings.from_prompt(pipe, prompt, negative)
+    notes = [applied.message] if applied is not None and applied.message else []
+    # 3. Encode the prompts once for the whole batch.
+    if xl:
+        prompt_args = {"prompt": embeddings.expand(pipe, prompt), "negative_prompt": embeddings.expand(pipe, negative),
                        "clip_skip": settings.clip_skip - 1 or None}
     else:
-        prompt_args = {"prompt_embeds": _encode(pipe, settings.prompt, clip_skip=settings.clip_skip),
-                       "negative_prompt_embeds": _encode(pipe, settings.negative_prompt, clip_skip=settings.clip_skip)}
+        prompt_args = {"prompt_embeds": _encode(pipe, prompt, clip_skip=settings.clip_skip),
+                       "negative_prompt_embeds": _encode(pipe, negative, clip_skip=settings.clip_skip)}
     images = []
     for index in range(settings.batch_size):
         image_seed = seed + index
@@ -259,7 +264,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                 raise Cancelled(f"Generation cancelled after step {bar.n} of {settings.steps}.", fix="run it again")
             return tensors
 
-        # 3. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.
+        # 4. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.
         generator = torch.Generator("cpu").manual_seed(image_seed)
         try:
             with torch.inference_mode():
@@ -268,8 +273,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                                output_type="latent", callback_on_step_end=after_step).images
         finally:
             bar.close()
-        # 4. Decode with the VAE, and label the image with exactly what made it.
+        # 5. Decode with the VAE, and label the image with exactly what made it.
         image = decode(pipe, latents)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1)
+        image.sdkit_notes = notes  # what the learner should know about this run (e.g. LoRA layers that matched nothing)
         images.append(image)
     return images

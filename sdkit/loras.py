@@ -323,6 +323,7 @@ def apply(pipe, chosen: list[tuple[Lora, float]]) -> Applied:
                     merged = merged + weight * delta
             param.copy_(merged)
     state["active"] = [(lora.name, weight) for lora, weight in chosen]
+    state["source"] = "apply"
     return Applied(changed=len(plan), unmatched=unmatched)
 
 
@@ -334,3 +335,64 @@ def remove(pipe) -> None:
 def active(pipe) -> list[tuple[str, float]]:
     """The LoRAs applied to this pipeline now, with their weights."""
     return list(pipe.__dict__.get("_sdkit_loras", {}).get("active", []))
+
+
+# --- the prompt's <lora:NAME:WEIGHT> tags, as A1111 writes them ----------------------------------------------
+
+TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+_loaded: dict[tuple[str, int, int], Lora] = {}
+
+
+def tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """(the prompt without its <lora:NAME:WEIGHT> tags, [(NAME, WEIGHT)]); a missing weight is 1."""
+    found = []
+    for match in TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            found.append((name, float(weight)))
+        except ValueError:
+            raise SdkitError(f"<lora:{name}:{weight}> has a weight that is not a number.",
+                             fix=f"write it like <lora:{name}:0.8>") from None
+    return TAG.sub("", prompt), found
+
+
+def _cached(name: str, *, root: str | Path | None) -> Lora:
+    """load(), remembered per file (a slider move re-applies without reading the file again)."""
+    path = ModelPaths.from_root(root).find("loras", name)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _loaded:
+        while len(_loaded) >= 8:
+            _loaded.pop(next(iter(_loaded)))
+        _loaded[key] = load(path)
+    return _loaded[key]
+
+
+def from_prompt(pipe, prompt: str, *, root: str | Path | None = None) -> tuple[str, Applied | None]:
+    """Apply the LoRAs a prompt's tags name (and take off those an earlier prompt's tags applied); the clean prompt.
+
+    LoRAs applied by hand with apply() are left alone by a prompt without tags.
+    """
+    clean, wanted = tags(prompt)
+    state = pipe.__dict__.get("_sdkit_loras", {})
+    if not wanted and state.get("source") != "prompt":
+        return clean, None
+    chosen = [(_cached(name, root=root), weight) for name, weight in wanted]
+    if [(lora.name, w) for lora, w in chosen] == state.get("active") and state.get("source") == "prompt":
+        return clean, None  # already so: nothing to recompute
+    result = apply(pipe, chosen)
+    pipe.__dict__["_sdkit_loras"]["source"] = "prompt" if wanted else None
+    return clean, result
+
+
+def describe(lora: Lora) -> dict:
+    """What `python -m sdkit info` says about a LoRA file."""
+    kinds = sorted({layer.kind for layer in lora.layers.values()})
+    dora = any("dora_scale" in layer.tensors for layer in lora.layers.values())
+    ranks = [layer.tensors["down"].shape[0] for layer in lora.layers.values() if "down" in layer.tensors]
+    names = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}
+    return {"file": str(lora.path), "type": " + ".join(names[k] for k in kinds) + (" (DoRA)" if dora else ""),
+            "family": lora.family or "unknown", "family_clue": lora.family_clue or "nothing in the file says",
+            "layers": len(lora.layers), "rank": max(ranks) if ranks else None,
+            "text_encoder": any(n.startswith(("lora_te", "text_encoder")) for n in lora.layers),
+            "trigger_words": lora.trigger_words}

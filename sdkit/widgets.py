@@ -509,10 +509,10 @@ class Panel:
                 self.status.value = self._message(f"{job.model} is loaded.", "info")
                 return
             self.status.value = self._message("Running …", "info")
-            self._make(pipe, job)
+            notes = self._make(pipe, job)
             self.status.value = self._message(
                 f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
-                f"change).", "info")
+                f"change)." + "".join(f" Note: {note}." for note in notes), "info")
         except Cancelled:
             self.progress.bar_style = "warning"
             if self._pending is None:  # a newer request replaced this run: its own status follows
@@ -545,8 +545,8 @@ class Panel:
             self._set_model_controls(pipe.sdkit.family)
         return pipe
 
-    def _make(self, pipe, job: Job) -> None:
-        """Generate every run of a job, show the picture and add each image to the gallery."""
+    def _make(self, pipe, job: Job) -> list[str]:
+        """Generate every run of a job, show the picture and add each image to the gallery; the runs' notes."""
         from sdkit.generate import generate
 
         total = sum(run.steps for run in job.runs)
@@ -585,6 +585,7 @@ class Panel:
         self.seed_used.value = f"seed used: <b>{made[-1].seed}</b>" if job.runs[-1].seed == -1 else ""
         for image, used in zip(images, made):
             self._add_to_gallery(image, used, model_hash=getattr(getattr(pipe, "sdkit", None), "autov2", ""))
+        return sorted({note for image in images for note in getattr(image, "sdkit_notes", [])})
 
     def _put(self, picture: Image.Image) -> None:
         """Show a picture: small ones scaled up by a whole factor, at most as wide as the notebook."""

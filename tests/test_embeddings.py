@@ -110,3 +110,23 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(SdkitError):
         embeddings.load(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_words_from_the_embeddings_folder_are_learned_when_a_prompt_uses_them(tiny_files, tmp_path, monkeypatch):
+    write(tmp_path / "embeddings" / "fizzword.safetensors", {"emb_params": rows(1, 32)})
+    write(tmp_path / "embeddings" / "unused.safetensors", {"emb_params": rows(1, 32)})
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    pipe = sd1(tiny_files)
+    generate(pipe, FAST.replace(prompt="a photo", negative_prompt="fizzword"), progress=False)
+    assert "fizzword" in embeddings.loaded(pipe) and "unused" not in embeddings.loaded(pipe)
+
+
+def test_cli_info_describes_an_embedding(tmp_path, capsys):
+    import json
+
+    from sdkit.__main__ import main
+
+    write(tmp_path / "embeddings" / "glow.safetensors", {"emb_params": rows(3, 768)})
+    main(["--root", str(tmp_path), "info", "glow", "--kind", "embeddings", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["word"] == "glow" and result["vectors"] == 3 and result["family"] == "sd1"

@@ -182,3 +182,52 @@ def test_text_encoder_layers_change_the_prompt_embedding(pipe, tmp_path):
     loras.remove(pipe)
     assert not np.array_equal(changed, picture)
     assert np.array_equal(image(pipe), picture), "the prompt cache must not keep the LoRA's embedding"
+
+
+def test_prompt_tags_are_read_as_a1111_writes_them():
+    clean, found = loras.tags("a cat <lora:style:0.8>, <LyCORIS:x> <lyco:hair> <lora:neg:-1.5:0.3> <lora:plain>")
+    assert found == [("style", 0.8), ("hair", 1.0), ("neg", -1.5), ("plain", 1.0)]
+    assert "<lora" not in clean and "<lyco" not in clean
+    with pytest.raises(SdkitError, match=r"<lora:style:strong> has a weight that is not a number"):
+        loras.tags("<lora:style:strong>")
+
+
+def test_a_prompt_tag_applies_the_lora_and_a_prompt_without_tags_takes_it_off(pipe, tmp_path, monkeypatch):
+    write_lora(pipe, tmp_path / "loras" / "style.safetensors", scale=1.0)
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    plain = image(pipe)
+    tagged = generate(pipe, FAST.replace(prompt="a red circle <lora:style:0.7>"), progress=False)[0]
+    assert tagged.sdkit_settings.prompt == "a red circle <lora:style:0.7>", "the PNG keeps the prompt as written"
+    assert loras.active(pipe) == [("style", 0.7)]
+    loras.apply(pipe, [(loras.load(tmp_path / "loras" / "style.safetensors"), 0.7)])
+    by_hand = generate(pipe, FAST.replace(prompt="a red circle "), progress=False)[0]
+    assert np.array_equal(np.asarray(tagged), np.asarray(by_hand)), "a tag is the same as apply() by hand"
+    assert loras.active(pipe) == [("style", 0.7)], "LoRAs applied by hand stay on for prompts without tags"
+    generate(pipe, FAST.replace(prompt="a red circle <lora:style:0.7>"), progress=False)
+    assert np.array_equal(image(pipe), plain), "after a tagged prompt, a prompt without tags takes the LoRA off"
+    assert loras.active(pipe) == []
+
+
+def test_cli_lora_option_writes_the_tag_into_the_png(pipe, tiny_files, tmp_path, monkeypatch, capsys):
+    from sdkit.__main__ import main
+    from sdkit.metadata import read_parameters
+
+    write_lora(pipe, tmp_path / "loras" / "style.safetensors")
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    main(["generate", "--model", str(tiny_files["sd1"]), "--prompt", "a red circle", "--lora", "style:0.5",
+          "--steps", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "out"), "--quiet"])
+    png = capsys.readouterr().out.strip().splitlines()[-1]
+    assert read_parameters(png).prompt == "a red circle <lora:style:0.5>"
+
+
+def test_cli_info_describes_a_lora(pipe, tmp_path, capsys):
+    import json
+
+    from sdkit.__main__ import main
+
+    write_lora(pipe, tmp_path / "hada.safetensors", kind="loha", dora=True,
+               metadata={"ss_base_model_version": "sd_v1", "ss_tag_frequency": json.dumps({"1_x": {"sks": 9, "red": 2}})})
+    main(["info", str(tmp_path / "hada.safetensors"), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["type"] == "LoHa (DoRA)" and result["family"] == "sd1" and result["text_encoder"]
+    assert result["trigger_words"] == ["sks", "red"] and len(result["autov2"]) == 10
