@@ -382,6 +382,30 @@ def slider_latency(*, moves: int = 5, model: str = "shapes-v1") -> dict:
     return summary | {"model": model, "steps": 20, "size": 64, "debounce_s": widgets.DEBOUNCE_S}
 
 
+def lora_apply(*, rank: int = 32) -> dict:
+    """Seconds to merge a LoRA into the real-size SD1.5 UNet and text encoder, to move its weight (a slider), and to
+    take it off; random weights in sdkit's dtype, rank `rank` on every linear layer of the transformer blocks."""
+    import tempfile
+
+    from sdkit import loras
+    from sdkit.testing import write_lora
+
+    choice = device.choose(device.report())["unet"]
+    pipe = real_size_pipeline("sd1", dtype=choice.torch_dtype)
+    with tempfile.TemporaryDirectory(prefix="sdkit-bench-") as folder:
+        path = Path(folder) / "bench-lora.safetensors"
+        write_lora(pipe, path, rank=rank, every_linear=True, scale=0.01)
+        lora = loras.load(path)
+        size = path.stat().st_size / 2**20
+    timings = {}
+    for step, weight in (("apply_s", 1.0), ("move_weight_s", 0.5), ("remove_s", None)):
+        started = time.perf_counter()
+        loras.apply(pipe, [] if weight is None else [(lora, weight)])
+        timings[step] = round(time.perf_counter() - started, 3)
+    return timings | {"layers": len(lora.layers), "rank": rank, "file_mib": round(size, 1),
+                      "dtype": str(choice.torch_dtype).removeprefix("torch.")}
+
+
 def psnr(a, b) -> float:
     """Peak signal-to-noise ratio of two 8-bit images, dB (inf when identical)."""
     import numpy as np
@@ -510,6 +534,7 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
                               for family in tqdm(("sd1", "sdxl"), desc="loads", disable=not progress)}
     result["quality"] = quality()
     result["widgets"] = slider_latency()
+    result["lora"] = lora_apply()
     return result
 
 
@@ -542,6 +567,11 @@ def format_table(result: dict) -> str:
         lines.append(f"widgets: slider move -> new {ui['model']} picture ({ui['steps']} steps, {ui['size']} px): "
                      f"{ui['with_preview']['median_s']:.2f} s with live preview, "
                      f"{ui['without_preview']['median_s']:.2f} s without (median of {ui['with_preview']['moves']})")
+    if "lora" in result:
+        lo = result["lora"]
+        lines.append(f"LoRA on SD1.5 ({lo['layers']} layers, rank {lo['rank']}, {lo['file_mib']:.0f} MiB, {lo['dtype']}): "
+                     f"apply {lo['apply_s']:.2f} s, move its weight {lo['move_weight_s']:.2f} s, "
+                     f"remove {lo['remove_s']:.2f} s")
     q = result["quality"]
     alone = f" (decoder alone: {q['vae_psnr_db']:.1f} dB)" if "vae_psnr_db" in q else ""
     lines.append(f"numeric check ({q['model']}): latent relative error {q['latent_relative_error']:.4f}, "

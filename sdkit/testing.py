@@ -83,11 +83,12 @@ def write_named(path: Path, names: tuple[str, ...] = FLUX_ALL_IN_ONE, *, dtype: 
 
 def write_lora(pipe, path: Path, *, kind: str = "lora", naming: str = "kohya", rank: int = 2, alpha: float = 1.0,
                seed: int = 0, scale: float = 0.3, dora: bool = False, text_encoder: bool = True,
-               metadata: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+               metadata: dict[str, str] | None = None, every_linear: bool = False) -> dict[str, torch.Tensor]:
     """A random LoRA for `pipe`'s attention (and text-encoder) layers in a real file layout; returns its tensors.
 
     kind: lora | loha | lokr; naming: kohya (diffusers-style UNet names), sai (the original UNet names, as kohya
-    writes SDXL files), peft (diffusers' own `unet.<module>.lora_A.weight`).
+    writes SDXL files), peft (diffusers' own `unet.<module>.lora_A.weight`). every_linear: every linear layer of the
+    UNet's transformer blocks and of the text encoder's layers, as kohya's default LoRA trains (for the bench).
     """
     from safetensors.torch import save_file
 
@@ -100,7 +101,11 @@ def write_lora(pipe, path: Path, *, kind: str = "lora", naming: str = "kohya", r
     tensors: dict[str, torch.Tensor] = {}
     for component, model in parts:
         for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name.endswith(("to_q", "to_k", "to_v", "q_proj", "v_proj")):
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            wanted = ("attentions." in name or "layers." in name) if every_linear else name.endswith(
+                ("to_q", "to_k", "to_v", "q_proj", "v_proj"))
+            if not wanted:
                 continue
             out_f, in_f = module.weight.shape
             if naming == "peft":

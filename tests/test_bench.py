@@ -112,3 +112,12 @@ def test_slider_latency_times_real_panel_runs_with_and_without_preview():
     for key in ("with_preview", "without_preview"):
         assert result[key]["moves"] == 1 and 0 < result[key]["best_s"] <= result[key]["median_s"]
     assert result["model"] == "shapes-v1" and result["steps"] == 20
+
+
+def test_lora_apply_times_apply_move_and_remove(monkeypatch):
+    from sdkit.testing import tiny_pipeline
+
+    monkeypatch.setattr(bench, "real_size_pipeline", lambda family, dtype: tiny_pipeline(family).to(dtype))
+    result = bench.lora_apply(rank=4)
+    assert result["layers"] > 10 and result["rank"] == 4
+    assert all(result[k] >= 0 for k in ("apply_s", "move_weight_s", "remove_s"))
