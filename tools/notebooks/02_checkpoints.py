@@ -33,7 +33,7 @@ def table(rows: list[dict]) -> None:
 # %%
 # Parameters
 MODEL = "shapes-v1"                          # a name from the model folders, or a path to a .safetensors file
-PROMPT = "a blue triangle on a yellow background"
+PROMPT = "a blue triangle on a white background"
 SEED = 5
 FOLDER = Path(tempfile.mkdtemp(prefix="sdkit-02-"))  # where the tiny stand-in files are written
 
