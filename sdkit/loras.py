@@ -396,3 +396,52 @@ def describe(lora: Lora) -> dict:
             "layers": len(lora.layers), "rank": max(ranks) if ranks else None,
             "text_encoder": any(n.startswith(("lora_te", "text_encoder")) for n in lora.layers),
             "trigger_words": lora.trigger_words}
+
+
+# --- the panel's LoRA controls ---------------------------------------------------------------------------------
+
+
+def _set_tag(prompt: str, name: str, weight: float) -> str:
+    """The prompt with this LoRA's tag at `weight`: an existing tag for it is rewritten, else one is appended."""
+    tag = f"<lora:{name}:{weight:g}>"
+    pattern = re.compile(rf"<(?:lora|lyco):{re.escape(name)}(?::[^>]*)?>", re.IGNORECASE)
+    if pattern.search(prompt):
+        return pattern.sub(tag, prompt, count=1)
+    return f"{prompt} {tag}".strip()
+
+
+def control_group(*, root: str | Path | None = None, name: str = "", weight: float = 1.0):
+    """A panel group: pick a LoRA from the loras folder and turn its weight (-1 to 2); it rides in the prompt as the
+    `<lora:NAME:WEIGHT>` tag A1111 writes, so the PNG and "Use" carry it."""
+    import ipywidgets as w
+
+    from sdkit.widgets import ControlGroup
+
+    class LoraGroup(ControlGroup):
+        title = "LoRA"
+
+        def __init__(self) -> None:
+            names = [Path(n).with_suffix("").as_posix() for n in ModelPaths.from_root(root).list("loras")]
+            self.choice = w.Dropdown(options=[("(none)", "")] + [(n, n) for n in names],
+                                     value=name if name in names else "", description="LoRA")
+            self.weight = w.FloatSlider(value=weight, min=-1.0, max=2.0, step=0.05, description="weight",
+                                        continuous_update=False)
+            self.choice.add_class("sdkit-lora")
+            self.weight.add_class("sdkit-lora-weight")
+            self.widgets = [self.choice, self.weight]
+
+        def update(self, settings):
+            """The prompt with this LoRA's tag at the slider's weight (none chosen: unchanged)."""
+            if not self.choice.value:
+                return settings
+            return settings.replace(prompt=_set_tag(settings.prompt, self.choice.value, self.weight.value))
+
+        def show(self, settings) -> None:
+            """The LoRA and weight of an earlier image's tag, if its LoRA is in the list."""
+            options = [value for _, value in self.choice.options]
+            for tag_name, tag_weight in tags(settings.prompt)[1]:
+                if tag_name in options:
+                    self.choice.value, self.weight.value = tag_name, max(-1.0, min(2.0, tag_weight))
+                    return
+
+    return LoraGroup()

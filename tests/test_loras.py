@@ -249,3 +249,30 @@ def test_a_kohya_lora_gives_the_same_picture_as_diffusers_own_loader(tmp_path):
     b = np.asarray(generate(theirs, settings, progress=False)[0]).astype(int)
     assert np.abs(a - plain).max() > 8, "the LoRA must visibly change the picture for the comparison to mean much"
     assert np.abs(a - b).max() <= 1, "merged weights (sdkit) vs PEFT layers (diffusers), both fp32"
+
+
+def test_set_tag_rewrites_or_appends():
+    assert loras._set_tag("a cat", "style", 0.5) == "a cat <lora:style:0.5>"
+    assert loras._set_tag("a <lora:style:1> cat", "style", -0.25) == "a <lora:style:-0.25> cat"
+    assert loras._set_tag("<lora:other:1>", "style", 1.0) == "<lora:other:1> <lora:style:1>"
+
+
+def test_panel_group_turns_the_weight_and_use_brings_it_back(pipe, tmp_path, monkeypatch):
+    from sdkit import widgets
+
+    write_lora(pipe, tmp_path / "loras" / "style.safetensors", scale=1.0)
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    group = loras.control_group(name="style", weight=0.8)
+    panel = widgets.Panel(pipe, settings=FAST.replace(width=32, height=32), groups=[group], auto_run=False)
+    panel.generate(wait=True)
+    assert "Done" in panel.status.value, panel.status.value
+    shot = panel.gallery[0]
+    assert shot.settings.prompt.endswith("<lora:style:0.8>") and "<lora:style:0.8>" in shot.parameters
+    assert loras.active(pipe) == [("style", 0.8)]
+    group.weight.value = 0.0
+    panel.generate(wait=True)
+    assert loras.active(pipe) == [("style", 0.0)]
+    panel.show(shot.settings)
+    assert group.weight.value == 0.8
+    panel.generate(wait=True)
+    assert np.array_equal(np.asarray(panel.gallery[0].image), np.asarray(shot.image))
