@@ -158,3 +158,10 @@ def describe(embedding: Embedding) -> dict:
     family = "sdxl" if "clip_g" in widths else {768: "sd1", 1024: "sd2"}.get(widths.get("*"), "unknown")
     return {"file": str(embedding.path), "type": "textual-inversion embedding", "word": embedding.name,
             "vectors": embedding.count, "widths": widths, "family": family}
+
+
+def hashes(pipe, *prompts: str) -> str:
+    """The "TI hashes" text A1111 writes for the embeddings these prompts use ("word: 0123456789ab, ..."), or ""."""
+    used = [e for name, e in pipe.__dict__.get("_sdkit_embeddings", {}).items()
+            if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", p) for p in prompts)]
+    return ", ".join(f"{e.name}: {formats.sha256(e.path)[:12]}" for e in used)

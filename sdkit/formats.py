@@ -359,6 +359,17 @@ def sha256(path: Path) -> str:
     return _cached_sha256(path.resolve(), stat.st_size, stat.st_mtime_ns)
 
 
+def addnet_hash(path: Path) -> str:
+    """kohya's hash of a .safetensors file's tensor data (the header excluded): what A1111 records in "Lora hashes"."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        header = struct.unpack("<Q", f.read(8))[0]
+        f.seek(8 + header)
+        for block in iter(lambda: f.read(8 * 2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def autov2(path: Path) -> str:
     """civitai's AutoV2 hash (A1111's "Model hash"): the first 10 hex digits of the file's sha256."""
     return sha256(path)[:10]

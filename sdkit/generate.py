@@ -238,6 +238,8 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     negative, _ = loras.tags(settings.negative_prompt)  # as in A1111, tags in the negative prompt apply nothing
     embeddings.from_prompt(pipe, prompt, negative)
     notes = [applied.message] if applied is not None and applied.message else []
+    resources = {key: text for key, text in (("Lora hashes", loras.hashes(settings.prompt)),
+                                             ("TI hashes", embeddings.hashes(pipe, prompt, negative))) if text}
     # 3. Encode the prompts once for the whole batch.
     if xl:
         prompt_args = {"prompt": embeddings.expand(pipe, prompt), "negative_prompt": embeddings.expand(pipe, negative),
@@ -275,7 +277,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
             bar.close()
         # 5. Decode with the VAE, and label the image with exactly what made it.
         image = decode(pipe, latents)[0]
-        image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1)
+        image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, extra={**settings.extra, **resources})
         image.sdkit_notes = notes  # what the learner should know about this run (e.g. LoRA layers that matched nothing)
         images.append(image)
     return images

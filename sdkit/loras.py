@@ -92,6 +92,13 @@ class Lora:
     family_clue: str = ""
 
     @property
+    def shorthash(self) -> str:
+        """A1111's "Lora hashes" entry: 12 hex digits of kohya's data hash (the whole file's sha256 for pickles)."""
+        if formats.file_format(self.path) == "safetensors":
+            return formats.addnet_hash(self.path)[:12]
+        return formats.sha256(self.path)[:12]
+
+    @property
     def trigger_words(self) -> list[str]:
         """The tags kohya recorded as most frequent in the training captions (the usual trigger words)."""
         import json
@@ -366,6 +373,11 @@ def _cached(name: str, *, root: str | Path | None) -> Lora:
             _loaded.pop(next(iter(_loaded)))
         _loaded[key] = load(path)
     return _loaded[key]
+
+
+def hashes(prompt: str, *, root: str | Path | None = None) -> str:
+    """The "Lora hashes" text A1111 writes for a prompt's tags ("name: 0123456789ab, ..."), or ""."""
+    return ", ".join(f"{name}: {_cached(name, root=root).shorthash}" for name, _ in tags(prompt)[1])
 
 
 def from_prompt(pipe, prompt: str, *, root: str | Path | None = None) -> tuple[str, Applied | None]:

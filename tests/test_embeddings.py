@@ -130,3 +130,14 @@ def test_cli_info_describes_an_embedding(tmp_path, capsys):
     main(["--root", str(tmp_path), "info", "glow", "--kind", "embeddings", "--json"])
     result = json.loads(capsys.readouterr().out)
     assert result["word"] == "glow" and result["vectors"] == 3 and result["family"] == "sd1"
+
+
+def test_png_text_carries_ti_hashes(tiny_files, tmp_path, monkeypatch):
+    import hashlib
+
+    path = write(tmp_path / "embeddings" / "hashword.safetensors", {"emb_params": rows(1, 32)})
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    image = generate(sd1(tiny_files), FAST.replace(prompt="a hashword"), progress=False)[0]
+    assert image.sdkit_settings.extra["TI hashes"] == f"hashword: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+    plain = generate(sd1(tiny_files), FAST.replace(prompt="a cat"), progress=False)[0]
+    assert "TI hashes" not in plain.sdkit_settings.extra

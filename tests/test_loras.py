@@ -276,3 +276,20 @@ def test_panel_group_turns_the_weight_and_use_brings_it_back(pipe, tmp_path, mon
     assert group.weight.value == 0.8
     panel.generate(wait=True)
     assert np.array_equal(np.asarray(panel.gallery[0].image), np.asarray(shot.image))
+
+
+def test_png_text_carries_lora_hashes_as_a1111_writes_them(pipe, tmp_path, monkeypatch):
+    import hashlib
+    import struct
+
+    from sdkit.metadata import format_parameters, parse_parameters
+
+    write_lora(pipe, tmp_path / "loras" / "style.safetensors")
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    data = (tmp_path / "loras" / "style.safetensors").read_bytes()
+    expected = hashlib.sha256(data[8 + struct.unpack("<Q", data[:8])[0]:]).hexdigest()[:12]  # kohya's addnet hash
+    image = generate(pipe, FAST.replace(prompt="a cat <lora:style:0.5>"), progress=False)[0]
+    assert image.sdkit_settings.extra["Lora hashes"] == f"style: {expected}"
+    text = format_parameters(image.sdkit_settings)
+    assert f'Lora hashes: "style: {expected}"' in text
+    assert parse_parameters(text).extra["Lora hashes"] == f"style: {expected}"
