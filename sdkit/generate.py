@@ -55,8 +55,9 @@ class GenerationSettings:
             raise SdkitError(f"batch_size={self.batch_size} is not usable: at least 1.", fix="use batch_size=1")
         if self.clip_skip < 1:
             raise SdkitError(f"clip_skip={self.clip_skip} is not usable: 1 means the last layer.", fix="use clip_skip=1")
-        if self.scheduler not in ("normal", "karras"):
-            raise SdkitError(f"scheduler={self.scheduler!r} is unknown; known: normal, karras.", fix="use scheduler='normal'")
+        if self.scheduler not in SCHEDULES:
+            raise SdkitError(f"Schedule type {self.scheduler!r} has no diffusers equivalent here; sdkit runs: "
+                             f"{', '.join(SCHEDULES)}.", fix="use scheduler='normal' (A1111's Automatic) or one of those")
 
 
 # sdkit name -> (diffusers scheduler class, its settings). k-diffusion samplers use "linspace" spacing as A1111's
@@ -79,6 +80,11 @@ SAMPLERS: dict[str, tuple[str, dict]] = {
 }
 NOISE_SCHEDULE = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
                   "rescale_betas_zero_snr")
+# A1111's schedule types (snake_case) -> the scheduler settings that give them in diffusers ("normal" = Automatic).
+SCHEDULES: dict[str, dict] = {"normal": {}, "karras": {"use_karras_sigmas": True},
+                              "exponential": {"use_exponential_sigmas": True}, "beta": {"use_beta_sigmas": True},
+                              "sgm_uniform": {"timestep_spacing": "trailing"}}
+SIGMA_SCHEDULES = ("karras", "exponential", "beta")  # these replace the sigmas: only the k-diffusion samplers take them
 KARRAS_CAPABLE = ("euler", "heun", "dpm2", "dpm2_a", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
                   "dpmpp_sde", "unipc")
 
@@ -97,8 +103,9 @@ def check_sampler(settings: GenerationSettings) -> None:
     if settings.sampler not in SAMPLERS:
         raise SdkitError(f"Unknown sampler {settings.sampler!r}; known: {', '.join(sampler_names())}.",
                          fix="use one of those, e.g. sampler='euler_a'")
-    if settings.scheduler == "karras" and settings.sampler not in KARRAS_CAPABLE:
-        raise SdkitError(f"The {settings.sampler} sampler has no Karras schedule; it works with: "
+    if settings.scheduler in SIGMA_SCHEDULES and settings.sampler not in KARRAS_CAPABLE:
+        shown = settings.scheduler.replace("_", " ").title()
+        raise SdkitError(f"The {settings.sampler} sampler has no {shown} schedule; it works with: "
                          f"{', '.join(KARRAS_CAPABLE)}.", fix="use scheduler='normal'")
     if settings.sampler == "lcm" and settings.steps > 50:
         raise SdkitError(f"steps={settings.steps} is too many for the LCM sampler (at most 50; it is made for 2-8).",
@@ -112,8 +119,7 @@ def make_scheduler(base_config: dict, settings: GenerationSettings, *, seed: int
     cls, extra = SAMPLERS[settings.sampler]
     config = {k: v for k, v in base_config.items() if k in NOISE_SCHEDULE}
     config |= {"timestep_spacing": "linspace"} | extra
-    if settings.scheduler == "karras":
-        config["use_karras_sigmas"] = True
+    config |= SCHEDULES[settings.scheduler]
     if settings.sampler == "dpmpp_sde":  # its Brownian tree draws from this seed, not from the generator
         config["noise_sampler_seed"] = settings.seed if seed is None else seed
     return getattr(diffusers, cls).from_config(config)

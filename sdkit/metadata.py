@@ -36,6 +36,9 @@ A1111_SAMPLER_NAMES: dict[str, str] = {
     "dpm_adaptive": "DPM adaptive",
 }
 
+# sdkit's schedule names -> A1111's "Schedule type" text.
+SCHEDULE_NAMES = {"karras": "Karras", "exponential": "Exponential", "beta": "Beta", "sgm_uniform": "SGM Uniform"}
+
 # ComfyUI's sampler names that mean one of ours.
 _SAMPLER_ALIASES = {
     "euler_ancestral": "euler_a",
@@ -61,8 +64,8 @@ _EXAMPLE = "Steps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1234, Size: 512x512
 def format_parameters(settings: GenerationSettings, *, model_hash: str = "", seed: int | None = None) -> str:
     """The A1111 'parameters' text for settings, byte for byte as A1111 writes it."""
     extra = {key: str(value) for key, value in settings.extra.items()}
-    schedule = {"karras": "Karras", "normal": extra.get("Schedule type")}.get(
-        settings.scheduler, settings.scheduler.title()
+    schedule = {"normal": extra.get("Schedule type"), **SCHEDULE_NAMES}.get(
+        settings.scheduler, extra.get("Schedule type") or settings.scheduler.replace("_", " ").title()
     )
     fields: dict[str, object] = {
         "Steps": settings.steps,
@@ -118,8 +121,14 @@ def parse_parameters(text: str) -> GenerationSettings:
             settings.scheduler = "karras" if karras else settings.scheduler
             if not known:
                 settings.extra["Sampler"] = value
-        elif key == "Schedule type" and _snake(value) in ("karras", "automatic"):
-            settings.scheduler = "karras" if _snake(value) == "karras" else settings.scheduler
+        elif key == "Schedule type" and _snake(value) != "automatic":
+            # every named schedule is kept by name: generate() runs it, or refuses it by name; never a silent "normal"
+            known = {_snake(display): name for name, display in SCHEDULE_NAMES.items()}
+            settings.scheduler = known.get(_snake(value), _snake(value))
+            if settings.scheduler not in SCHEDULE_NAMES:
+                settings.extra[key] = value  # its own spelling, to write it back as it came
+        elif key == "Schedule type":
+            pass  # Automatic: the sampler's own schedule
         else:
             settings.extra[key] = value
     return settings

@@ -94,6 +94,14 @@ def _sampler_options() -> list[tuple[str, str]]:
     return [(A1111_SAMPLER_NAMES.get(n, n), n) for n in sampler_names() if not n.endswith("_karras")]
 
 
+def _schedule_options() -> list[tuple[str, str]]:
+    """(A1111's name, sdkit's name) for each schedule type generate() runs."""
+    from sdkit.generate import SCHEDULES
+    from sdkit.metadata import SCHEDULE_NAMES
+
+    return [(SCHEDULE_NAMES.get(n, "Automatic"), n) for n in SCHEDULES]
+
+
 LABEL = {"description_width": "72px"}
 COLUMN_PX = 540  # the controls' column; the picture sits to its right (below it on a narrow screen)
 
@@ -116,8 +124,8 @@ CONTROLS: dict[str, Callable[[Ranges], w.ValueWidget]] = {
     "cfg": lambda r: _slider(w.FloatSlider, "CFG", *r.cfg),
     "sampler": lambda r: w.Dropdown(description="Sampler", options=_sampler_options(), style=LABEL,
                                     layout=w.Layout(width="50%")),
-    "scheduler": lambda r: w.Dropdown(description="Schedule", options=[("Automatic", "normal"), ("Karras", "karras")],
-                                      style=LABEL, layout=w.Layout(width="50%")),
+    "scheduler": lambda r: w.Dropdown(description="Schedule", options=_schedule_options(), style=LABEL,
+                                      layout=w.Layout(width="50%")),
     "width": lambda r: _slider(w.IntSlider, "Width", *r.size),
     "height": lambda r: _slider(w.IntSlider, "Height", *r.size),
     "clip_skip": lambda r: _slider(w.IntSlider, "CLIP skip", 1, 4),

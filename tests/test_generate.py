@@ -145,3 +145,19 @@ def test_step_hook_sees_every_step_and_changes_nothing(sd1, sampler):
         assert done == [1, 2, 3, 4]
     assert seen[0][2] == (1, 4, 16, 16)
     assert seen[0][3] is (sampler == "dpmpp_2m"), "x0 comes from the schedulers that give it"
+
+
+@pytest.mark.parametrize("schedule, setting", [("exponential", "use_exponential_sigmas"), ("beta", "use_beta_sigmas"),
+                                               ("sgm_uniform", "timestep_spacing")])
+def test_each_schedule_type_reaches_the_scheduler_and_changes_the_picture(sd1, schedule, setting):
+    settings = FAST.replace(sampler="euler", scheduler=schedule, steps=4)
+    made = make_scheduler(dict(sd1.scheduler.config), settings)
+    assert made.config[setting] == (True if setting.startswith("use_") else "trailing")
+    plain = generate(sd1, settings.replace(scheduler="normal"), progress=False)[0]
+    other = generate(sd1, settings, progress=False)[0]
+    assert not np.array_equal(pixels(plain), pixels(other))
+
+
+def test_a_sigma_schedule_on_a_sampler_without_one_is_refused(sd1):
+    with pytest.raises(SdkitError, match="The ddim sampler has no Exponential schedule"):
+        generate(sd1, FAST.replace(sampler="ddim", scheduler="exponential"), progress=False)

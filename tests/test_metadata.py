@@ -240,11 +240,22 @@ def test_unknown_sampler_keeps_a_guess_and_the_raw_name():
     assert text.count("Sampler:") == 1
 
 
-def test_unknown_schedule_type_is_kept_and_written_back():
-    text = "p\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: Exponential, CFG scale: 7, Seed: 1, Size: 512x512"
+@pytest.mark.parametrize("display, name", [("Exponential", "exponential"), ("SGM Uniform", "sgm_uniform"),
+                                           ("Beta", "beta"), ("Karras", "karras")])
+def test_schedule_types_diffusers_has_are_read_and_written_back(display, name):
+    text = f"p\nSteps: 20, Sampler: DPM++ 2M SDE, Schedule type: {display}, CFG scale: 7, Seed: 1, Size: 512x512"
     parsed = parse_parameters(text)
-    assert (parsed.sampler, parsed.scheduler) == ("dpmpp_2m_sde", "normal")
-    assert parsed.extra == {"Schedule type": "Exponential"}
+    assert (parsed.sampler, parsed.scheduler, parsed.extra) == ("dpmpp_2m_sde", name, {})
+    parsed.check()
+    assert format_parameters(parsed) == text
+
+
+@pytest.mark.parametrize("display", ["Polyexponential", "Align Your Steps", "KL Optimal"])
+def test_schedule_types_without_an_equivalent_are_refused_by_name_not_run_as_normal(display):
+    text = f"p\nSteps: 20, Sampler: Euler, Schedule type: {display}, CFG scale: 7, Seed: 1, Size: 512x512"
+    parsed = parse_parameters(text)
+    with pytest.raises(SdkitError, match="has no diffusers equivalent"):
+        parsed.check()
     assert format_parameters(parsed) == text
 
 
