@@ -125,12 +125,21 @@ def apply(pipe, embedding: Embedding) -> None:
     pipe.__dict__.setdefault("_sdkit_embeddings", {})[embedding.name] = embedding
 
 
+def _word(name: str) -> str:
+    """A regex for `name` as a whole word of a prompt (as A1111 matches embedding names)."""
+    return rf"(?<![\w-]){re.escape(name)}(?![\w-])"
+
+
+def _uses(prompts: tuple[str, ...], name: str) -> bool:
+    """Whether any prompt uses `name` as a word."""
+    return any(re.search(_word(name), p) for p in prompts)
+
+
 def expand(pipe, prompt: str) -> str:
     """The prompt with each embedding's word replaced by its tokens (whole words only, as A1111 matches them)."""
     known = pipe.__dict__.get("_sdkit_embeddings", {})
     for name, embedding in sorted(known.items(), key=lambda item: -len(item[0])):
-        pattern = rf"(?<![\w-]){re.escape(name)}(?![\w-])"
-        prompt = re.sub(pattern, lambda _m, e=embedding: " ".join(tokens(e.name, e.count)), prompt)
+        prompt = re.sub(_word(name), lambda _m, e=embedding: " ".join(tokens(e.name, e.count)), prompt)
     return prompt
 
 
@@ -145,7 +154,7 @@ def from_prompt(pipe, *prompts: str, root: str | Path | None = None) -> list[str
     used = []
     for file in registry.list("embeddings"):
         name = Path(file).stem
-        if name in loaded(pipe) or not any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", p) for p in prompts):
+        if name in loaded(pipe) or not _uses(prompts, name):
             continue
         apply(pipe, load(registry.find("embeddings", file)))
         used.append(name)
@@ -163,5 +172,5 @@ def describe(embedding: Embedding) -> dict:
 def hashes(pipe, *prompts: str) -> str:
     """The "TI hashes" text A1111 writes for the embeddings these prompts use ("word: 0123456789ab, ..."), or ""."""
     used = [e for name, e in pipe.__dict__.get("_sdkit_embeddings", {}).items()
-            if any(re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", p) for p in prompts)]
+            if _uses(prompts, name)]
     return ", ".join(f"{e.name}: {formats.sha256(e.path)[:12]}" for e in used)

@@ -360,7 +360,13 @@ def sha256(path: Path) -> str:
 
 
 def addnet_hash(path: Path) -> str:
-    """kohya's hash of a .safetensors file's tensor data (the header excluded): what A1111 records in "Lora hashes"."""
+    """kohya's hash of a .safetensors file's tensor data (header excluded), as A1111's "Lora hashes"; cached like sha256."""
+    stat = path.stat()  # generate() asks on every run: a slider move must not re-read the LoRA file
+    return _cached_addnet_hash(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=256)
+def _cached_addnet_hash(path: Path, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         header = struct.unpack("<Q", f.read(8))[0]

@@ -48,12 +48,11 @@ class Layer:
         t = {k: v.float() for k, v in self.tensors.items() if k not in ("alpha", "dora_scale")}
         alpha = float(self.tensors["alpha"]) if "alpha" in self.tensors else None
         if self.kind == "lora":
-            up, down = t["up"], t["down"]
+            up, down = t["up"].flatten(1), t["down"].flatten(1)
             if "mid" in t:  # LoCon with a Tucker middle (CP decomposition of a conv kernel)
-                down = torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up.flatten(1), down.flatten(1))
-                diff = down
+                diff = torch.einsum("m n ..., i m, n j -> i j ...", t["mid"], up, down)
             else:
-                diff = up.flatten(1) @ down.flatten(1)
+                diff = up @ down
             rank = t["down"].shape[0]
         elif self.kind == "loha":
             m1 = (torch.einsum("i j ..., j r, i p -> p r ...", t["hada_t1"], t["hada_w1_b"], t["hada_w1_a"])
