@@ -22,7 +22,8 @@ from sdkit.errors import SdkitError
 from sdkit.paths import ModelPaths
 
 # Which text encoder of a pipeline each kind of vectors belongs to, by the encoder's width.
-WIDTH_FAMILY = {768: "SD1.x (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 1280: "SDXL's second encoder (OpenCLIP-G)"}
+WIDTH_FAMILY = {768: "SD1.x (CLIP-L)", 1024: "SD2.x (OpenCLIP-H)", 1280: "SDXL's second encoder (OpenCLIP-G)",
+                64: "shapes-world"}
 
 
 @dataclass
@@ -119,10 +120,11 @@ def apply(pipe, embedding: Embedding) -> None:
             ids = tokenizer.convert_tokens_to_ids(names)
             table = encoder.get_input_embeddings()
             if max(ids) >= table.weight.shape[0]:
-                encoder.resize_token_embeddings(len(tokenizer))
+                encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # rows set just below
                 table = encoder.get_input_embeddings()
             table.weight[ids] = vectors.to(table.weight.dtype)
     pipe.__dict__.setdefault("_sdkit_embeddings", {})[embedding.name] = embedding
+    pipe.__dict__.setdefault("_sdkit_embeddings_off", set()).discard(embedding.name)
 
 
 def _word(name: str) -> str:
@@ -143,6 +145,23 @@ def expand(pipe, prompt: str) -> str:
     return prompt
 
 
+def remove(pipe, *names: str) -> None:
+    """Stop using these words' embeddings (all when none are named): the words read as plain text again, and prompts
+    do not load them from the folder until restore() or apply()."""
+    known = pipe.__dict__.setdefault("_sdkit_embeddings", {})
+    off = pipe.__dict__.setdefault("_sdkit_embeddings_off", set())
+    for name in names or list(known):
+        known.pop(name, None)
+        off.add(name)
+
+
+def restore(pipe, *names: str) -> None:
+    """Let prompts load these embeddings from the folder again (all removed ones when none are named)."""
+    off = pipe.__dict__.setdefault("_sdkit_embeddings_off", set())
+    for name in names or list(off):
+        off.discard(name)
+
+
 def loaded(pipe) -> list[str]:
     """The words this pipeline has learned from embeddings."""
     return list(pipe.__dict__.get("_sdkit_embeddings", {}))
@@ -154,7 +173,7 @@ def from_prompt(pipe, *prompts: str, root: str | Path | None = None) -> list[str
     used = []
     for file in registry.list("embeddings"):
         name = Path(file).stem
-        if name in loaded(pipe) or not _uses(prompts, name):
+        if name in loaded(pipe) or name in pipe.__dict__.get("_sdkit_embeddings_off", ()) or not _uses(prompts, name):
             continue
         apply(pipe, load(registry.find("embeddings", file)))
         used.append(name)
@@ -164,7 +183,7 @@ def from_prompt(pipe, *prompts: str, root: str | Path | None = None) -> list[str
 def describe(embedding: Embedding) -> dict:
     """What `python -m sdkit info` says about an embedding file."""
     widths = {key: rows.shape[1] for key, rows in embedding.vectors.items()}
-    family = "sdxl" if "clip_g" in widths else {768: "sd1", 1024: "sd2"}.get(widths.get("*"), "unknown")
+    family = "sdxl" if "clip_g" in widths else {768: "sd1", 1024: "sd2", 64: "shapes"}.get(widths.get("*"), "unknown")
     return {"file": str(embedding.path), "type": "textual-inversion embedding", "word": embedding.name,
             "vectors": embedding.count, "widths": widths, "family": family}
 
@@ -174,3 +193,44 @@ def hashes(pipe, *prompts: str) -> str:
     used = [e for name, e in pipe.__dict__.get("_sdkit_embeddings", {}).items()
             if _uses(prompts, name)]
     return ", ".join(f"{e.name}: {formats.sha256(e.path)[:12]}" for e in used)
+
+
+# --- the panel's embedding picker ------------------------------------------------------------------------------
+
+
+def control_group(*, root: str | Path | None = None, name: str = ""):
+    """A panel group: pick which embedding file the model may use; the others are removed, so their words read as
+    plain text (what a learner sees without the file). The word goes in the prompt, as in A1111."""
+    import ipywidgets as w
+
+    from sdkit.widgets import ControlGroup
+
+    registry = ModelPaths.from_root(root)
+    names = [Path(n).stem for n in registry.list("embeddings")]
+
+    class EmbeddingGroup(ControlGroup):
+        title = "Embedding"
+
+        def __init__(self) -> None:
+            self.choice = w.Dropdown(options=[("(none: words read as plain text)", "")] + [(n, n) for n in names],
+                                     value=name if name in names else "", description="embedding")
+            self.choice.add_class("sdkit-embedding")
+            self.hint = w.HTML()
+            self.choice.observe(lambda _change: self._hint(), names="value")
+            self._hint()
+            self.widgets = [self.choice, self.hint]
+
+        def _hint(self) -> None:
+            chosen = self.choice.value
+            self.hint.value = (f"write <b>{chosen}</b> in the prompt to use it" if chosen
+                               else "no embedding: every word is read by the text encoder as it was trained")
+
+        def prepare(self, pipe, settings) -> None:
+            """Use the chosen file's word; remove every other embedding of the folder from the pipeline."""
+            others = [n for n in names if n != self.choice.value]
+            if others:
+                remove(pipe, *others)
+            if self.choice.value:
+                restore(pipe, self.choice.value)
+
+    return EmbeddingGroup()

@@ -125,48 +125,6 @@ def make_scheduler(base_config: dict, settings: GenerationSettings, *, seed: int
     return getattr(diffusers, cls).from_config(config)
 
 
-PROMPT_CACHE_SIZE = 32
-
-
-def _weights_version(model) -> tuple[int, int]:
-    """Changes whenever a weight of `model` is replaced or changed in place (a LoRA or embedding applied)."""
-    params = list(model.parameters())
-    return (sum(id(p) for p in params), sum(p._version for p in params))
-
-
-def _encode(pipe, prompt: str, *, clip_skip: int):
-    """CLIP text embeddings with A1111's clip skip (1 = last layer), cached per prompt: moving a slider that is not the
-    prompt (seed, CFG, steps) does not run the text encoder again."""
-    from collections import OrderedDict
-
-    cache = pipe.__dict__.setdefault("_sdkit_prompt_cache", OrderedDict())
-    key = (prompt, clip_skip, _weights_version(pipe.text_encoder))
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    cache[key] = _run_encoder(pipe, prompt, clip_skip=clip_skip)
-    while len(cache) > PROMPT_CACHE_SIZE:
-        cache.popitem(last=False)
-    return cache[key]
-
-
-def _run_encoder(pipe, prompt: str, *, clip_skip: int):
-    """The text encoder's output for one prompt."""
-    import torch
-
-    from sdkit.embeddings import expand
-
-    tokenizer, encoder = pipe.tokenizer, pipe.text_encoder
-    ids = tokenizer(expand(pipe, prompt), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(encoder.device)
-    with torch.inference_mode():
-        out = encoder(ids, output_hidden_states=clip_skip > 1)
-        if clip_skip == 1:
-            return out.last_hidden_state
-        final_norm = getattr(encoder, "text_model", encoder).final_layer_norm
-        return final_norm(out.hidden_states[-clip_skip])
-
-
 def _resolve_seed(seed: int) -> int:
     """A1111's -1 means a random seed; anything else is used as given."""
     import random
@@ -232,13 +190,12 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     seed = _resolve_seed(settings.seed)
     base_scheduler = dict(pipe.scheduler.config)
     warnings.filterwarnings("ignore", module="torchsde")  # its float-rounding notes about Brownian intervals
-    xl = hasattr(pipe, "text_encoder_2")
     layers = pipe.text_encoder.config.num_hidden_layers
     if settings.clip_skip > layers:
         raise SdkitError(f"clip_skip={settings.clip_skip} is more than this text encoder's {layers} layers.",
                          fix="use clip_skip=1 (or 2, as many anime models want)")
     # 2. The prompt's <lora:...> tags and embedding words: applied before encoding, kept in the image's settings.
-    from sdkit import embeddings, loras
+    from sdkit import embeddings, loras, prompts
 
     prompt, applied = loras.from_prompt(pipe, settings.prompt)
     negative, _ = loras.tags(settings.negative_prompt)  # as in A1111, tags in the negative prompt apply nothing
@@ -246,13 +203,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     notes = [applied.message] if applied is not None and applied.message else []
     resources = {key: text for key, text in (("Lora hashes", loras.hashes(settings.prompt)),
                                              ("TI hashes", embeddings.hashes(pipe, prompt, negative))) if text}
-    # 3. Encode the prompts once for the whole batch.
-    if xl:
-        prompt_args = {"prompt": embeddings.expand(pipe, prompt), "negative_prompt": embeddings.expand(pipe, negative),
-                       "clip_skip": settings.clip_skip - 1 or None}
-    else:
-        prompt_args = {"prompt_embeds": _encode(pipe, prompt, clip_skip=settings.clip_skip),
-                       "negative_prompt_embeds": _encode(pipe, negative, clip_skip=settings.clip_skip)}
+    # 3. Encode the prompts once for the whole batch, in A1111's prompt language (weights, BREAK, long prompts).
+    prompt_args, prompt_notes = prompts.encode(pipe, prompt, negative, clip_skip=settings.clip_skip)
+    notes += prompt_notes
     images = []
     for index in range(settings.batch_size):
         image_seed = seed + index

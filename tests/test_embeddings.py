@@ -141,3 +141,47 @@ def test_png_text_carries_ti_hashes(tiny_files, tmp_path, monkeypatch):
     assert image.sdkit_settings.extra["TI hashes"] == f"hashword: {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
     plain = generate(sd1(tiny_files), FAST.replace(prompt="a cat"), progress=False)[0]
     assert "TI hashes" not in plain.sdkit_settings.extra
+
+
+def test_remove_reads_the_word_as_text_again_and_restore_brings_it_back(tiny_files, tmp_path, monkeypatch):
+    write(tmp_path / "embeddings" / "quaxel.safetensors", {"emb_params": rows(2, 32) * 5})
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    pipe = sd1(tiny_files)
+    run = lambda: np.asarray(generate(pipe, FAST.replace(prompt="a photo of a quaxel"), progress=False)[0])  # noqa: E731
+    used = run()
+    assert "quaxel" in embeddings.loaded(pipe)
+    embeddings.remove(pipe, "quaxel")
+    plain = run()
+    assert "quaxel" not in embeddings.loaded(pipe), "a removed word is not loaded again from the folder"
+    assert not np.array_equal(used, plain)
+    embeddings.restore(pipe, "quaxel")
+    assert np.array_equal(run(), used)
+
+
+def test_a_weighted_embedding_word_is_expanded_inside_the_brackets(tiny_files, tmp_path):
+    pipe = sd1(tiny_files)
+    embeddings.apply(pipe, embeddings.load(write(tmp_path / "blorp.safetensors", {"emb_params": rows(2, 32) * 5})))
+    from sdkit import prompts
+
+    packed, count = prompts.chunks(pipe.tokenizer, "a (blorp:1.3) cat", expand=lambda s: embeddings.expand(pipe, s))
+    new = pipe.tokenizer.convert_tokens_to_ids(embeddings.tokens("blorp", 2))
+    weights = [w for t, w in zip(packed[0].tokens, packed[0].weights) if t in new]
+    assert weights == [1.3, 1.3] and count == 4
+
+
+def test_the_panel_picker_uses_the_chosen_file_and_removes_the_others(tiny_files, tmp_path, monkeypatch):
+    for word in ("glimmer", "shadowy"):
+        write(tmp_path / "embeddings" / f"{word}.safetensors", {"emb_params": rows(1, 32)})
+    pipe = sd1(tiny_files)
+    group = embeddings.control_group(root=tmp_path, name="glimmer")
+    values = [v for _, v in group.choice.options]
+    assert values[0] == "" and {"glimmer", "shadowy"} <= set(values)  # (none), then the folder's files
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    settings = FAST.replace(prompt="glimmer and shadowy")
+    group.prepare(pipe, settings)
+    generate(pipe, settings, progress=False)
+    assert "glimmer" in embeddings.loaded(pipe) and "shadowy" not in embeddings.loaded(pipe)
+    group.choice.value = ""
+    group.prepare(pipe, settings)
+    generate(pipe, settings, progress=False)
+    assert not {"glimmer", "shadowy"} & set(embeddings.loaded(pipe))

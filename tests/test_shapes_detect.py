@@ -154,3 +154,25 @@ def test_accuracy_skips_unasked_attributes_and_fills_confusion_tables():
     assert result["colour_confusion"]["blue"]["red"] == 1 and "green" not in result["colour_confusion"]
     with pytest.raises(SdkitError, match="one spec per image"):
         accuracy(images, wanted[:2])
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+@pytest.mark.parametrize("size", [0.35, 0.8])
+def test_style_tells_outlines_from_filled_shapes(shape, size):
+    from sdkit.shapes.data import ShapeSpec, draw
+
+    for style in ("fill", "outline"):
+        spec = ShapeSpec(shape=shape, colour="green", background="white", size=size, cx=0.5, cy=0.5, style=style)
+        found = detect(draw(spec))
+        assert (found.style, found.shape, found.colour) == (style, shape, "green")
+
+
+def test_the_extra_colour_is_seen_only_with_the_full_palette():
+    from sdkit.shapes.data import ShapeSpec, draw
+    from sdkit.shapes.detect import ALL_COLOURS
+
+    purple = draw(ShapeSpec(shape="circle", colour="purple", background="black", size=0.6, cx=0.5, cy=0.5))
+    assert detect(purple, colours=ALL_COLOURS).colour == "purple"
+    assert detect(purple).colour in ("red", "blue"), "the base palette has no purple"
+    red = draw(ShapeSpec(shape="circle", colour="red", background="black", size=0.6, cx=0.5, cy=0.5))
+    assert detect(red, colours=ALL_COLOURS).colour == "red"

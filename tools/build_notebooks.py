@@ -65,6 +65,25 @@ COURSE: dict[str, Lesson] = {
                   "checkpoints appear in the table and the panel's model list.",
                   "Run `python -m sdkit info shapes-v1` in a terminal and find the AutoV2 hash.",
                   "Switch the panel to a random painter: what does a checkpoint with untrained weights paint?")),
+    "03_loras": Lesson(
+        title="LoRAs: draw it in this style",
+        learn=("what a LoRA file stores: a change to some of the painter's layers, as two thin matrices each",
+               "what the weight does, measured: the share of pictures in the LoRA's style from weight -1 to 2",
+               "how `<lora:NAME:WEIGHT>` in a prompt works, and why a LoRA for another family is refused"),
+        seconds=70,
+        try_this=("In the panel, drag the LoRA weight to 0.3: how many of the shapes are outlined now? Try "
+                  "a few seeds.",
+                  "Type `<lora:outlines:1.5>` into the prompt yourself and press Generate.",
+                  "Run `python -m sdkit info outlines` in a terminal: type, rank, family and kohya's settings.")),
+    "04_embeddings": Lesson(
+        title="Embeddings: new words",
+        learn=("what an embedding file stores: a few vectors that give the text encoder a new word",
+               "the word with and without its file, measured with the detector, and what an embedding cannot do",
+               "how A1111's prompt language is read: `(word:1.3)`, `[word]`, `BREAK` and prompts over 75 tokens"),
+        seconds=35,
+        try_this=("Put *moon* in the panel's negative prompt and ask for `a circle`: how often is it yellow now?",
+                  "Try `a red square, (moon:0.8)` and `a red square, (moon:1.4)` in the panel: who wins, seed after seed?",
+                  "Paste a long civitai prompt into `prompts.parse` and look at its weights.")),
     "09_speed_on_a_cpu": Lesson(
         title="Speed on a CPU",
         learn=("what FLOPs and a CPU's peak are, measured on this machine",

@@ -10,12 +10,15 @@ import numpy as np
 from PIL import Image
 
 from sdkit.errors import SdkitError
-from sdkit.shapes.data import ATTRIBUTES, BACKGROUNDS, COLOURS, SHAPES, ShapeSpec
+from sdkit.shapes.data import ATTRIBUTES, BACKGROUNDS, COLOURS, EXTRA_COLOURS, SHAPES, ShapeSpec
 
 UNKNOWN = "unknown"
 MIN_CONTRAST = 80.0  # RGB distance (0..441) from the background below which nothing counts as a shape
 MIN_CHROMA = 30.0  # max - min channel of the shape's colour below which it is grey, not a colour
 PROFILE_WEIGHT = 0.25  # share of the shape score from the width profile (the rest is template IoU)
+SOLID = 0.8  # share of the shape's area that is coloured, above which it is filled
+HOLLOW = 0.25  # share of the shape's inner half that is coloured, below which it is an outline (else a pattern)
+ALL_COLOURS = {**COLOURS, **EXTRA_COLOURS}  # the palette to judge with when the model may draw the extra colours
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,8 @@ class Detection:
     area: float = 0.0  # foreground pixels / image pixels
     fill_ratio: float = 0.0  # foreground pixels / bounding-box pixels: square 1, circle 0.79, triangle 0.5
     widening: float = 0.0  # slope of row width against height, both 0..1: triangle 1, circle and square 0
+    solidity: float = 0.0  # coloured share of the area the shape's convex hull encloses: filled ~1, outline ~0.5
+    style: str = UNKNOWN  # fill, outline (coloured rim, empty middle) or pattern (stripes and the like)
 
     @property
     def confidence(self) -> dict[str, float]:
@@ -67,11 +72,53 @@ def _background(img: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     return bg, scores
 
 
-def _colour_scores(rgb: np.ndarray) -> dict[str, float]:
-    """How close a colour's hue is to each primary: drop its grey part, scale to full, compare in RGB."""
-    chroma = rgb - rgb.min()
-    pure = chroma * (255.0 / max(float(chroma.max()), 1e-6))
-    return {name: float(max(0.0, 1 - np.linalg.norm(pure - ref) / 255.0)) for name, ref in COLOURS.items()}
+def _pure(rgb: np.ndarray) -> np.ndarray:
+    """A colour's hue at full strength: its grey part dropped, its largest channel scaled to 255."""
+    chroma = np.asarray(rgb, dtype=np.float64) - np.min(rgb)
+    return chroma * (255.0 / max(float(chroma.max()), 1e-6))
+
+
+def _colour_scores(rgb: np.ndarray, palette: Mapping[str, tuple[int, int, int]] = COLOURS) -> dict[str, float]:
+    """How close a colour's hue is to each colour of the palette, both at full strength, compared in RGB."""
+    pure = _pure(rgb)
+    return {name: float(max(0.0, 1 - np.linalg.norm(pure - _pure(ref)) / 255.0)) for name, ref in palette.items()}
+
+
+def _hull(mask: np.ndarray) -> np.ndarray:
+    """The convex hull of a mask, filled: the area a shape encloses even where its outline has a gap."""
+    from PIL import ImageDraw
+    from scipy.spatial import ConvexHull, QhullError
+
+    ys, xs = np.nonzero(mask)
+    centres = np.stack([xs, ys], axis=1)
+    try:
+        hull = ConvexHull(centres)
+    except (QhullError, ValueError):  # a line or a point: nothing enclosed
+        return mask
+    canvas = Image.new("L", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon([tuple(map(int, centres[i])) for i in hull.vertices], fill=1)
+    return np.asarray(canvas, dtype=bool) | mask
+
+
+def _style(solid: np.ndarray) -> tuple[str, float]:
+    """Whether the largest coloured blob is filled, an outline or a pattern, and its solidity (coloured share of the
+    area its convex hull encloses)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(solid, structure=np.ones((3, 3), dtype=bool))
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        solid = labels == int(np.argmax(sizes))
+    area = _hull(solid)
+    solidity = float(solid.sum() / max(1, area.sum()))
+    if solidity >= SOLID:
+        return "fill", solidity
+    rows, cols = np.flatnonzero(area.any(axis=1)), np.flatnonzero(area.any(axis=0))
+    depth = max(1, round(0.25 * min(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
+    inner = ndimage.binary_erosion(area, iterations=depth)
+    middle = float(solid[inner].mean()) if inner.any() else 0.0
+    return ("outline" if middle < HOLLOW else "pattern"), solidity
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -115,8 +162,10 @@ def _shape_scores(mask: np.ndarray) -> tuple[dict[str, float], float, float]:
     return scores, float(box.mean()), widening
 
 
-def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01) -> Detection:
-    """Detect the shape, colour and background of one image (a PIL image or an RGB array)."""
+def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01,
+           colours: Mapping[str, tuple[int, int, int]] = COLOURS) -> Detection:
+    """Detect the shape, colour, background and style of one image (a PIL image or an RGB array); `colours` is the
+    palette to choose from (ALL_COLOURS adds the colours the base model never saw)."""
     img = _as_array(image)
     bg, background_scores = _background(img)
     background = max(background_scores, key=background_scores.get)
@@ -134,7 +183,8 @@ def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01) -> Detect
     if area < min_area:
         return nothing
 
-    colour_scores = _colour_scores(fg)
+    style, solidity = _style(alpha > 0.5)
+    colour_scores = _colour_scores(fg, colours)
     chroma = float(fg.max() - fg.min())
     colour = max(colour_scores, key=colour_scores.get) if chroma >= MIN_CHROMA else UNKNOWN
     shape_scores, fill_ratio, widening = _shape_scores(mask)
@@ -149,6 +199,8 @@ def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01) -> Detect
         area=area,
         fill_ratio=fill_ratio,
         widening=widening,
+        solidity=solidity,
+        style=style,
     )
 
 

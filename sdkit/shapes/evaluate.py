@@ -95,3 +95,61 @@ def format_report(result: dict) -> str:
                          else f"{k} spread {cell['spread']:.2f}")
         lines.append(f"vague {row['prompt']!r:<34} " + ", ".join(parts))
     return "\n".join(lines)
+
+
+# --- the add-on lessons: how often a LoRA's style or an embedding's word shows ------------------------------------
+
+ADDON_SAMPLES = 16
+
+
+def addon_prompts(samples: int = ADDON_SAMPLES) -> list[str]:
+    """`samples` full captions spread over every shape, colour and background."""
+    captions = data.full_captions()
+    return [captions[(i * 5) % len(captions)] for i in range(samples)]  # 5 is coprime to 24: no repeats up to 24
+
+
+def _shares(pipe, prompts: list[str], *, settings: GenerationSettings, judge) -> float:
+    """The share of images (prompt i with seed i) for which judge(detection) holds."""
+    hits = 0
+    for seed, prompt in enumerate(prompts):
+        image = generate(pipe, settings.replace(prompt=prompt, seed=seed, batch_size=1), progress=False)[0]
+        hits += bool(judge(image))
+    return hits / len(prompts)
+
+
+def style_share(pipe, lora, *, weights: tuple[float, ...] = (-1, 0, 1, 2), style: str = "outline",
+                samples: int = ADDON_SAMPLES, settings: GenerationSettings = DEFAULTS,
+                progress: bool = True) -> dict[float, float]:
+    """For each LoRA weight, the share of `samples` seeded images whose shape the detector sees drawn in `style`."""
+    from sdkit import loras
+
+    prompts = addon_prompts(samples)
+    shares = {}
+    try:
+        for weight in tqdm(weights, desc=f"{lora.name} weights", disable=not progress):
+            loras.apply(pipe, [(lora, weight)])
+            shares[weight] = _shares(pipe, prompts, settings=settings, judge=lambda im: detect(im).style == style)
+    finally:
+        loras.remove(pipe)
+    return shares
+
+
+def word_share(pipe, word: str, *, look: dict[str, str], prompts: tuple[str, ...] | None = None,
+               samples: int = ADDON_SAMPLES, settings: GenerationSettings = DEFAULTS,
+               progress: bool = True) -> dict[str, float]:
+    """The share of `samples` seeded pictures of the word's prompts (in turn) showing `look` (colour, shape and
+    background), with the embedding file for the word and without it (the word read as plain text); the embedding
+    is left in use afterwards."""
+    from sdkit import embeddings
+
+    chosen = prompts or (f"a {word}",)
+    asked = [chosen[i % len(chosen)] for i in range(samples)]
+    judge = lambda im: all(getattr(detect(im), k) == v for k, v in look.items())  # noqa: E731
+    shares = {}
+    for used in tqdm((False, True), desc=f"{word} without/with", disable=not progress):
+        if used:
+            embeddings.restore(pipe, word)
+        else:
+            embeddings.remove(pipe, word)
+        shares["with" if used else "without"] = _shares(pipe, asked, settings=settings, judge=judge)
+    return shares
