@@ -44,9 +44,13 @@ def _info(args: argparse.Namespace) -> None:
 
 def _describe_addon(path: Path, *, kind: str) -> dict | None:
     """info for a LoRA or embedding (by its folder, or by what its tensors look like); None for other files."""
-    from sdkit import embeddings, formats, loras
+    from sdkit import embeddings, formats, loras, vae
 
     names = list(formats.read_specs(path)[0])
+    if kind in ("vae", "vae_approx"):
+        result = vae.describe(vae.load(path))
+        result["sha256"] = formats.sha256(path)
+        return result
     looks_like_lora = any(loras._split(n) for n in names) and not any(n.startswith("model.diffusion_model.") for n in names)
     if kind == "loras" or looks_like_lora:
         result = loras.describe(loras.load(path))
@@ -80,6 +84,10 @@ def _generate(args: argparse.Namespace) -> None:
     settings.check()  # before a load that can take minutes
     check_sampler(settings)
     pipe = load(args.model, root=args.root)
+    if args.vae:
+        from sdkit import vae
+
+        vae.apply(pipe, vae.load(args.vae, root=args.root))
     settings = settings.replace(width=args.width or pipe.sdkit.width, height=args.height or pipe.sdkit.height,
                                 model=Path(pipe.sdkit.name).stem)
     for image in generate(pipe, settings, progress=not args.quiet):
@@ -152,6 +160,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-skip", type=int, default=1)
     s.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="apply a LoRA from the loras folder (repeatable); same as <lora:NAME:WEIGHT> in the prompt")
+    s.add_argument("--vae", metavar="NAME", help="decode with this VAE (or tiny decoder) from the vae folder, or a path")
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_generate)

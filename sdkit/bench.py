@@ -420,7 +420,7 @@ def quality(*, prompts: tuple[str, ...] = ("a red circle on a white background",
     import os
 
     from sdkit import checkpoints
-    from sdkit.generate import decode
+    from sdkit.vae import decode
 
     def pipeline(dtype: str | None):
         previous = os.environ.pop("SDKIT_DTYPE", None)
@@ -501,6 +501,42 @@ def load_memory(family: str, *, folder: Path) -> dict:
     return {"file_gib": round(size, 3), "dtypes": loaded["dtypes"], "peak_rss_gib": round(loaded["peak_rss_gib"], 2)}
 
 
+_DECODE = """
+import json, sys, time, torch
+from sdkit import bench, device
+from sdkit.checkpoints import from_shipped_config
+from sdkit.vae import _run
+size, tiled = int(sys.argv[1]), sys.argv[2] == "tiled"
+dtype = device.choose(device.report())["vae"].torch_dtype
+torch.manual_seed(0)
+vae = from_shipped_config("sd1", "vae").to(dtype).eval()
+latents = torch.randn(1, 4, size // 8, size // 8, dtype=dtype)
+bench._peak_reset()
+start = time.perf_counter()
+with torch.inference_mode():
+    pixels = _run(vae, latents, tiled=tiled)
+print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "peak_rss_gib": round(bench.peak_rss_gib(), 2),
+                  "dtype": str(dtype).removeprefix("torch."), "finite": bool(torch.isfinite(pixels).all())}))
+"""
+
+
+def vae_memory(*, sizes: tuple[int, ...] = (1024, 2048)) -> dict:
+    """Peak RSS and seconds of one SD1.5 VAE decode (random weights, this machine's dtype), whole and tiled, each in
+    a new process so one's peak does not hide the next."""
+    import subprocess
+    import sys
+
+    out: dict = {}
+    for size in sizes:
+        for how in ("whole", "tiled"):
+            done = subprocess.run([sys.executable, "-c", _DECODE, str(size), how], capture_output=True, text=True)
+            if done.returncode:
+                out[f"{size}_{how}"] = {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:200]}
+            else:
+                out[f"{size}_{how}"] = json.loads(done.stdout.strip().splitlines()[-1])
+    return out
+
+
 def bench(*, quick: bool = False, progress: bool = True) -> dict:
     """Run the benchmark: GEMM peaks, every part on both paths, end-to-end recipes, cost growth, numeric quality."""
     from tqdm.auto import tqdm
@@ -532,6 +568,7 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
         with tempfile.TemporaryDirectory(prefix="sdkit-bench-") as folder:
             result["load"] = {family: load_memory(family, folder=Path(folder))
                               for family in tqdm(("sd1", "sdxl"), desc="loads", disable=not progress)}
+        result["vae_memory"] = vae_memory()
     result["quality"] = quality()
     result["widgets"] = slider_latency()
     result["lora"] = lora_apply()
@@ -562,6 +599,10 @@ def format_table(result: dict) -> str:
         lines.append(f"end to end {name:<28} {row['seconds']:>7.2f} s, peak RSS {row['peak_rss_gib']:.2f} GiB")
     for family, row in result.get("load", {}).items():
         lines.append(f"load {family} ({row['file_gib']:.1f} GiB fp16 file): peak RSS {row['peak_rss_gib']:.2f} GiB")
+    for name, row in result.get("vae_memory", {}).items():
+        size, how = name.split("_")
+        lines.append(f"VAE decode {size}² {how}: " + (f"did not run ({row['error']})" if "error" in row else
+                     f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB ({row['dtype']})"))
     if "widgets" in result:
         ui = result["widgets"]
         lines.append(f"widgets: slider move -> new {ui['model']} picture ({ui['steps']} steps, {ui['size']} px): "

@@ -132,21 +132,6 @@ def _resolve_seed(seed: int) -> int:
     return random.randrange(2**32) if seed == -1 else seed
 
 
-def decode(pipe, latents):
-    """Latents -> PIL images through the pipeline's VAE (at its own dtype), refusing NaN output."""
-    import torch
-
-    vae = pipe.vae
-    with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
-    if torch.isnan(pixels).any() or torch.isinf(pixels).any():
-        raise SdkitError(
-            f"The VAE produced NaN/inf pixels (VAE dtype {str(vae.dtype).removeprefix('torch.')}): the image is black.",
-            fix="decode with an fp32 VAE: run with SDKIT_DTYPE=float32, or load a fixed VAE (e.g. the fp16-fix VAE for SDXL)",
-        )
-    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")
-
-
 def _capture_denoised(scheduler, seen: dict) -> None:
     """Record each step's estimate of the final latents (x0), for previews; schedulers that give none leave None."""
     import functools
@@ -196,6 +181,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                          fix="use clip_skip=1 (or 2, as many anime models want)")
     # 2. The prompt's <lora:...> tags and embedding words: applied before encoding, kept in the image's settings.
     from sdkit import embeddings, loras, prompts
+    from sdkit import vae as vaes
 
     prompt, applied = loras.from_prompt(pipe, settings.prompt)
     negative, _ = loras.tags(settings.negative_prompt)  # as in A1111, tags in the negative prompt apply nothing
@@ -203,6 +189,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     notes = [applied.message] if applied is not None and applied.message else []
     resources = {key: text for key, text in (("Lora hashes", loras.hashes(settings.prompt)),
                                              ("TI hashes", embeddings.hashes(pipe, prompt, negative))) if text}
+    resources |= vaes.parameters(pipe)
     # 3. Encode the prompts once for the whole batch, in A1111's prompt language (weights, BREAK, long prompts).
     prompt_args, prompt_notes = prompts.encode(pipe, prompt, negative, clip_skip=settings.clip_skip)
     notes += prompt_notes
@@ -235,8 +222,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         finally:
             bar.close()
         # 5. Decode with the VAE, and label the image with exactly what made it.
-        image = decode(pipe, latents)[0]
+        image_notes = list(notes)
+        image = vaes.decode(pipe, latents, notes=image_notes)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, extra={**settings.extra, **resources})
-        image.sdkit_notes = notes  # what the learner should know about this run (e.g. LoRA layers that matched nothing)
+        image.sdkit_notes = image_notes  # what the learner should know about this run (e.g. LoRA layers that matched nothing)
         images.append(image)
     return images

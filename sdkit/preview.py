@@ -1,4 +1,5 @@
-"""Cheap live previews: latents -> RGB through a linear map fitted to the model's own VAE, no decoder run per step."""
+"""Cheap live previews: latents -> RGB through the family's tiny decoder (TAESD) when the vae_approx folder has it,
+else through a linear map fitted to the model's own VAE; never the full decoder per step."""
 
 from __future__ import annotations
 
@@ -51,3 +52,16 @@ def to_image(latents: torch.Tensor, vae, *, scale: int | None = None) -> Image.I
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
     image = Image.fromarray(pixels)
     return image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
+
+
+def show(pipe, latents: torch.Tensor) -> Image.Image:
+    """The preview of the first latent of a batch: the tiny decoder's picture if there is one, else the linear map's."""
+    from sdkit import vae as vaes
+
+    tiny = vaes.tiny_for(pipe)
+    if tiny is None:
+        return to_image(latents, vaes.original(pipe))
+    with torch.inference_mode():
+        pixels = tiny.model.decode(latents[:1].detach().float().to(tiny.model.device)).sample[0]
+    array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)

@@ -570,7 +570,7 @@ class Panel:
                 try:
                     from sdkit import preview as previews
 
-                    self._put(previews.to_image(latents if denoised is None else denoised, pipe.vae))
+                    self._put(previews.show(pipe, latents if denoised is None else denoised))
                 except Exception:  # noqa: BLE001 - a preview must never cost the picture
                     self.last_error = traceback.format_exc()
                     preview[0] = False

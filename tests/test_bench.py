@@ -121,3 +121,14 @@ def test_lora_apply_times_apply_move_and_remove(monkeypatch):
     result = bench.lora_apply(rank=4)
     assert result["layers"] > 10 and result["rank"] == 4
     assert all(result[k] >= 0 for k in ("apply_s", "move_weight_s", "remove_s"))
+
+
+def test_vae_memory_decodes_whole_and_tiled_in_new_processes():
+    result = bench.vae_memory(sizes=(128,))
+    assert set(result) == {"128_whole", "128_tiled"}
+    for row in result.values():
+        assert row["finite"] and row["seconds"] > 0 and 0 < row["peak_rss_gib"] < 8
+    assert "VAE decode 128² tiled" in bench.format_table(
+        {"machine": {"cpu": "x", "cores": 2, "threads": 2, "isa": [], "torch": "t"},
+         "gemm_peak_gflops": {"float32": 1, "bfloat16": 1}, "end_to_end": {}, "vae_memory": result,
+         "quality": {"model": "m", "latent_relative_error": 0.0, "psnr_db": 99.0}})

@@ -64,12 +64,14 @@ def test_the_word_changes_the_picture_in_prompt_and_negative(tiny_files, tmp_pat
 def test_a_width_that_does_not_fit_is_refused_naming_both(tiny_files, tmp_path):
     pipe = sd1(tiny_files)
     before = pipe.text_encoder.get_input_embeddings().weight.shape
+    picture = np.asarray(generate(pipe, FAST, progress=False)[0])
     path = write(tmp_path / "wide.safetensors", {"emb_params": rows(1, 1024)})
     with pytest.raises(SdkitError, match=r"1024-wide vectors \(SD2.x \(OpenCLIP-H\)\), but this model's text encoder "
                                          r"takes 32-wide"):
         embeddings.apply(pipe, embeddings.load(path))
     assert pipe.text_encoder.get_input_embeddings().weight.shape == before
     assert "wide" not in embeddings.loaded(pipe)
+    assert np.array_equal(np.asarray(generate(pipe, FAST, progress=False)[0]), picture), "the next image is unchanged"
 
 
 def test_sdxl_pairs_go_to_both_encoders(tiny_files, tmp_path):

@@ -51,12 +51,13 @@ def test_a1111_install_is_recognised(tmp_path):
     touch(tmp_path / "models" / "ESRGAN" / "4x.pth")
     touch(tmp_path / "models" / "VAE" / "vae.safetensors")
     touch(tmp_path / "models" / "ControlNet" / "cn.safetensors")
+    touch(tmp_path / "models" / "VAE-approx" / "model.pt")
     for root in (tmp_path, tmp_path / "models"):
         reg = paths.ModelPaths([root])
         assert reg.all() | {} == {
             "checkpoints": ["sd15.safetensors"], "loras": ["style.safetensors"], "embeddings": ["word.pt"],
             "controlnet": ["cn.safetensors"], "vae": ["vae.safetensors"], "upscale_models": ["4x.pth"],
-            "diffusion_models": [], "text_encoders": [],
+            "vae_approx": ["model.pt"], "diffusion_models": [], "text_encoders": [],
         }
 
 

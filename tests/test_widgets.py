@@ -335,7 +335,7 @@ def test_a_failing_preview_does_not_cost_the_picture(panel, monkeypatch):
     from sdkit import preview
 
     monkeypatch.setattr(widgets, "PREVIEW_EVERY_S", 0.0)
-    monkeypatch.setattr(preview, "to_image", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(preview, "show", lambda *a, **k: 1 / 0)
     panel.generate(wait=True)
     assert "Done" in panel.status.value and len(panel.gallery) == 1
     assert "ZeroDivisionError" in panel.last_error

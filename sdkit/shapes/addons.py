@@ -182,16 +182,14 @@ class EmbeddingTask(torch.nn.Module):
         return _denoise_loss(self.unet, self.vae, self.noise, pixels, self.context(captions), generator=generator)
 
 
-def train(part: str, *, runs: Path = RUNS, steps: int | None = None, models: Path = MODELS) -> Path:
-    """Train (or resume) the LoRA or the embedding; returns the file written under models/."""
-    plan = Plan(**{**asdict(PLANS[part]), "steps": steps or PLANS[part].steps})
+def fit(task: torch.nn.Module, plan: Plan, *, name: str, runs: Path) -> float:
+    """Train `task` (its `loss(step, plan)`, its trainable parameters) by `plan`, resuming from runs/<name>.state.pt
+    and logging to runs/<name>.log; returns the training seconds."""
     torch.manual_seed(plan.seed)
-    task = LoraTask() if part == "lora" else EmbeddingTask()
     trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * min(s, plan.steps) / plan.steps)))
-    name = LORA_NAME if part == "lora" else EMBEDDING_NAME
     state_path, log = runs / f"{name}.state.pt", Log(runs / f"{name}.log")
     start, elapsed = 0, 0.0
     if state_path.exists():
@@ -224,6 +222,15 @@ def train(part: str, *, runs: Path = RUNS, steps: int | None = None, models: Pat
                         schedule=schedule.state_dict(), step=done, elapsed=time.perf_counter() - began)
     seconds = round(time.perf_counter() - began, 1)
     log.write(event="done", part=name, seconds=seconds)
+    return seconds
+
+
+def train(part: str, *, runs: Path = RUNS, steps: int | None = None, models: Path = MODELS) -> Path:
+    """Train (or resume) the LoRA or the embedding; returns the file written under models/."""
+    plan = Plan(**{**asdict(PLANS[part]), "steps": steps or PLANS[part].steps})
+    torch.manual_seed(plan.seed)
+    task = LoraTask() if part == "lora" else EmbeddingTask()
+    seconds = fit(task, plan, name=LORA_NAME if part == "lora" else EMBEDDING_NAME, runs=runs)
     return _write_lora(task, plan, seconds, models) if part == "lora" else _write_embedding(task, models)
 
 
