@@ -80,6 +80,11 @@ def _generate(args: argparse.Namespace) -> None:
         height=args.height or 512,
         batch_size=args.batch,
         clip_skip=args.clip_skip,
+        init_image=args.init_image or "",
+        strength=args.strength if args.strength is not None else args.hires_strength,
+        hires_scale=args.hires_scale,
+        hires_steps=args.hires_steps,
+        hires_upscaler=args.hires_upscaler,
     )
     settings.check()  # before a load that can take minutes
     check_sampler(settings)
@@ -160,6 +165,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--clip-skip", type=int, default=1)
     s.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="apply a LoRA from the loras folder (repeatable); same as <lora:NAME:WEIGHT> in the prompt")
+    s.add_argument("--init-image", metavar="FILE", help="img2img: start from this picture (resized to the size)")
+    s.add_argument("--strength", type=float, help="img2img denoising strength, 0-1 (A1111's default 0.75)")
+    s.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: a second pass this many times larger")
+    s.add_argument("--hires-strength", type=float, default=0.75, help="hires fix: its denoising strength")
+    s.add_argument("--hires-steps", type=int, default=0, help="hires fix: its steps (0 = as many as --steps)")
+    s.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (nearest), Lanczos or Nearest")
     s.add_argument("--vae", metavar="NAME", help="decode with this VAE (or tiny decoder) from the vae folder, or a path")
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")

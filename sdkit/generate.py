@@ -27,11 +27,20 @@ class GenerationSettings:
     batch_size: int = 1
     clip_skip: int = 1
     model: str = ""
+    strength: float = 0.75  # A1111's "Denoising strength": how much of an init image or hires pass is redrawn
+    init_image: str = ""  # img2img: the picture (a path) to start from, resized to width x height; "" = from noise
+    hires_scale: float = 1.0  # A1111's "Hires upscale": above 1, a second pass at the larger size
+    hires_steps: int = 0  # A1111's "Hires steps": 0 = as many as `steps`
+    hires_upscaler: str = "Latent"  # how the first picture is enlarged before the hires pass
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.sampler.endswith("_karras"):
             self.sampler, self.scheduler = self.sampler[: -len("_karras")], "karras"
+
+    def hires_size(self) -> tuple[int, int]:
+        """Width and height of the hires pass (multiples of 8)."""
+        return (round(self.width * self.hires_scale / 8) * 8, round(self.height * self.hires_scale / 8) * 8)
 
     def replace(self, **changes: object) -> "GenerationSettings":
         """A copy with some fields changed."""
@@ -55,10 +64,30 @@ class GenerationSettings:
             raise SdkitError(f"batch_size={self.batch_size} is not usable: at least 1.", fix="use batch_size=1")
         if self.clip_skip < 1:
             raise SdkitError(f"clip_skip={self.clip_skip} is not usable: 1 means the last layer.", fix="use clip_skip=1")
+        if not 0 < self.strength <= 1:
+            raise SdkitError(f"strength={self.strength} is not usable: the denoising strength runs from 0 (keep the "
+                             f"picture) to 1 (redraw it all).", fix="use strength=0.75 (A1111's default)")
+        if not 1 <= self.hires_scale <= 4:
+            raise SdkitError(f"hires_scale={self.hires_scale} is not usable: A1111's Hires upscale runs from 1 to 4.",
+                             fix="use hires_scale=2 for a hires pass, or 1 for none")
+        if self.hires_steps < 0:
+            raise SdkitError(f"hires_steps={self.hires_steps} is not usable.", fix="use 0 (as many as steps) or more")
+        if self.hires_upscaler not in HIRES_UPSCALERS:
+            raise SdkitError(f"Hires upscaler {self.hires_upscaler!r} is not one sdkit runs: {', '.join(HIRES_UPSCALERS)}.",
+                             fix="use 'Latent' (A1111's default); upscale models come with sdkit.upscale")
+        if self.hires_scale > 1:
+            for name in ("width", "height"):
+                target = self.hires_size()[name == "height"]
+                if target > SIZE_MAX:
+                    raise SdkitError(f"the hires {name} {target} is over {SIZE_MAX}.", fix="use a smaller hires_scale")
         if self.scheduler not in SCHEDULES:
             raise SdkitError(f"Schedule type {self.scheduler!r} has no diffusers equivalent here; sdkit runs: "
                              f"{', '.join(SCHEDULES)}.", fix="use scheduler='normal' (A1111's Automatic) or one of those")
 
+
+# A1111's hires upscalers that need no model file: latent-space interpolation, or resizing the decoded picture.
+HIRES_UPSCALERS = {"Latent": ("latent", "bilinear"), "Latent (nearest)": ("latent", "nearest"),
+                   "Lanczos": ("pixels", "lanczos"), "Nearest": ("pixels", "nearest")}
 
 # sdkit name -> (diffusers scheduler class, its settings). k-diffusion samplers use "linspace" spacing as A1111's
 # Automatic schedule does; DDIM and LCM use "leading" with steps_offset=1 as A1111 and diffusers' SD do.
@@ -148,6 +177,64 @@ def _capture_denoised(scheduler, seen: dict) -> None:
     scheduler.step = recording
 
 
+def _passes(settings: GenerationSettings) -> list[tuple[str, int]]:
+    """The denoising passes of a run and how many steps each really takes (img2img runs strength x steps, as in
+    A1111 and diffusers)."""
+    first = int(settings.steps * settings.strength) if settings.init_image else settings.steps
+    passes = [("img2img" if settings.init_image else "txt2img", max(1, first))]
+    if settings.hires_scale > 1:
+        passes.append(("hires", max(1, int((settings.hires_steps or settings.steps) * settings.strength))))
+    return passes
+
+
+def _img2img(pipe):
+    """The image-to-image pipeline sharing `pipe`'s components (built once per pipeline)."""
+    cached = pipe.__dict__.get("_sdkit_img2img")
+    if cached is None:
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+        cls = StableDiffusionXLImg2ImgPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionImg2ImgPipeline
+        expected, _ = cls._get_signature_keys(cls)
+        parts = {k: v for k, v in pipe.components.items() if k in expected}
+        extra = {} if hasattr(pipe, "text_encoder_2") else {"requires_safety_checker": False}
+        cached = cls(**parts, **extra)  # the same modules, untouched (from_pipe would cast them again)
+        cached.set_progress_bar_config(disable=True)
+        pipe.__dict__["_sdkit_img2img"] = cached
+    cached.scheduler, cached.vae = pipe.scheduler, pipe.vae  # the run's scheduler, the VAE now applied
+    return cached
+
+
+def _init_image(settings: GenerationSettings):
+    """The init image, RGB, resized to the run's size (A1111's "Just resize"); a clear error naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = settings.init_image
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("RGB")
+    except (OSError, UnidentifiedImageError) as error:
+        raise SdkitError(f"init image {path}: cannot be read as a picture ({error}).",
+                         fix="pass a PNG or JPEG file") from None
+    return picture.resize((settings.width, settings.height), Image.Resampling.LANCZOS)
+
+
+def _enlarge(pipe, latents, settings: GenerationSettings):
+    """The first pass enlarged to the hires size: its latents interpolated, or its decoded picture resized."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    width, height = settings.hires_size()
+    space, mode = HIRES_UPSCALERS[settings.hires_upscaler]
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    if space == "latent":
+        return F.interpolate(latents, size=(height // factor, width // factor), mode=mode)
+    from sdkit import vae as vaes
+
+    picture = vaes.decode(pipe, latents)[0]
+    resample = Image.Resampling.LANCZOS if mode == "lanczos" else Image.Resampling.NEAREST
+    return picture.resize((width, height), resample)
+
+
 def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cancel=None, on_step=None) -> list:
     """Make `settings.batch_size` images (seeds seed, seed+1, ...); each carries its settings as `.sdkit_settings`.
 
@@ -200,28 +287,46 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         seen: dict = {}
         if on_step is not None:
             _capture_denoised(pipe.scheduler, seen)
-        bar = tqdm(total=settings.steps, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
+        passes = _passes(settings)
+        total = sum(n for _, n in passes)
+        bar = tqdm(total=total, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
                    disable=not progress, leave=False)
+        done_before = [0]
 
         def after_step(_pipe, step, _t, tensors):
-            bar.n = min(settings.steps, round((step + 1) * settings.steps / len(_pipe.scheduler.timesteps)))
+            bar.n = done_before[0] + step + 1
             bar.refresh()
             if on_step is not None:
-                on_step(bar.n, settings.steps, tensors["latents"], seen.get("denoised"))
+                on_step(bar.n, total, tensors["latents"], seen.get("denoised"))
             if is_set():
-                raise Cancelled(f"Generation cancelled after step {bar.n} of {settings.steps}.", fix="run it again")
+                raise Cancelled(f"Generation cancelled after step {bar.n} of {total}.", fix="run it again")
             return tensors
 
         # 4. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.
         generator = torch.Generator("cpu").manual_seed(image_seed)
+        common = {**prompt_args, "guidance_scale": settings.cfg, "generator": generator, "output_type": "latent",
+                  "callback_on_step_end": after_step}
         try:
             with torch.inference_mode():
-                latents = pipe(**prompt_args, num_inference_steps=settings.steps, guidance_scale=settings.cfg,
-                               width=settings.width, height=settings.height, generator=generator,
-                               output_type="latent", callback_on_step_end=after_step).images
+                if settings.init_image:
+                    start = _init_image(settings)
+                    latents = _img2img(pipe)(image=start, strength=settings.strength,
+                                             num_inference_steps=settings.steps, **common).images
+                else:
+                    latents = pipe(num_inference_steps=settings.steps, width=settings.width, height=settings.height,
+                                   **common).images
+                done_before[0] = passes[0][1]
+                if settings.hires_scale > 1:  # 5. A1111's hires fix: enlarge, then redraw at `strength`
+                    pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
+                    if on_step is not None:
+                        _capture_denoised(pipe.scheduler, seen)
+                    bigger = _enlarge(pipe, latents, settings)
+                    latents = _img2img(pipe)(image=bigger, strength=settings.strength,
+                                             num_inference_steps=settings.hires_steps or settings.steps,
+                                             **common).images
         finally:
             bar.close()
-        # 5. Decode with the VAE, and label the image with exactly what made it.
+        # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
         image = vaes.decode(pipe, latents, notes=image_notes)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, extra={**settings.extra, **resources})

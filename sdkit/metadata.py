@@ -76,9 +76,13 @@ def format_parameters(settings: GenerationSettings, *, model_hash: str = "", see
         "Size": f"{settings.width}x{settings.height}",
         "Model hash": model_hash or extra.get("Model hash") or None,
         "Model": settings.model or None,
+        "Denoising strength": _number(settings.strength) if settings.init_image or settings.hires_scale > 1 else None,
         "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,
+        "Hires upscale": _number(settings.hires_scale) if settings.hires_scale > 1 else None,
+        "Hires steps": settings.hires_steps if settings.hires_scale > 1 and settings.hires_steps else None,
+        "Hires upscaler": settings.hires_upscaler if settings.hires_scale > 1 else None,
     }
-    fields.update((key, value) for key, value in extra.items() if key not in fields)
+    fields.update((key, value) for key, value in extra.items() if fields.get(key) is None)  # kept as it came
     line = ", ".join(f"{_checked_key(key)}: {_quote(str(value))}" for key, value in fields.items() if value is not None)
     negative = f"\n{_NEGATIVE} {settings.negative_prompt}" if settings.negative_prompt else ""
     return f"{settings.prompt}{negative}\n{line}".strip()
@@ -116,6 +120,14 @@ def parse_parameters(text: str) -> GenerationSettings:
             settings.model = value
         elif key == "Clip skip":
             settings.clip_skip = _to_int(key, value)
+        elif key == "Denoising strength":
+            settings.strength = _to_float(key, value)
+        elif key == "Hires upscale":
+            settings.hires_scale = _to_float(key, value)
+        elif key == "Hires steps":
+            settings.hires_steps = _to_int(key, value)
+        elif key == "Hires upscaler":
+            settings.hires_upscaler = value
         elif key == "Sampler":
             settings.sampler, karras, known = _sampler_from_display(value)
             settings.scheduler = "karras" if karras else settings.scheduler

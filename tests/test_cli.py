@@ -82,3 +82,16 @@ def test_cli_process_has_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "starts with text" in result.stderr and "Traceback" not in result.stderr
     assert bad.read_text() == "not a model"
+
+
+def test_hires_and_img2img_options_reach_the_png(root, capsys):
+    out = root / "out"
+    assert main(["--root", str(root), *ARGS, "--out", str(out), "--hires-scale", "2", "--hires-strength", "0.4",
+                 "--hires-steps", "4"]) == 0
+    hires = capsys.readouterr().out.split()[0]
+    settings = read_parameters(hires)
+    assert (settings.hires_scale, settings.strength, settings.hires_steps) == (2, 0.4, 4)
+    assert Image.open(hires).size == (64, 80)
+    assert main(["--root", str(root), *ARGS, "--out", str(out), "--init-image", hires, "--strength", "0.5"]) == 0
+    again = capsys.readouterr().out.split()[0]
+    assert read_parameters(again).strength == 0.5 and Image.open(again).size == (32, 40)

@@ -161,3 +161,51 @@ def test_each_schedule_type_reaches_the_scheduler_and_changes_the_picture(sd1, s
 def test_a_sigma_schedule_on_a_sampler_without_one_is_refused(sd1):
     with pytest.raises(SdkitError, match="The ddim sampler has no Exponential schedule"):
         generate(sd1, FAST.replace(sampler="ddim", scheduler="exponential"), progress=False)
+
+
+# --- img2img and hires fix -------------------------------------------------------------------------------------
+
+
+def test_hires_fix_doubles_the_size_and_its_text_reads_back(sd1):
+    from sdkit.metadata import format_parameters, parse_parameters
+
+    settings = FAST.replace(hires_scale=2, strength=0.5, hires_steps=4)
+    counted = []
+    image = generate(sd1, settings, progress=False, on_step=lambda done, total, *_: counted.append((done, total)))[0]
+    assert image.size == (64, 64)
+    assert counted[-1] == (3 + 2, 3 + 2), "3 base steps, then int(4 hires steps x 0.5) = 2"
+    text = format_parameters(image.sdkit_settings)
+    assert "Denoising strength: 0.5" in text and "Hires upscale: 2, Hires steps: 4, Hires upscaler: Latent" in text
+    back = parse_parameters(text)
+    assert (back.hires_scale, back.hires_steps, back.hires_upscaler, back.strength) == (2, 4, "Latent", 0.5)
+    again = generate(sd1, back.replace(prompt=settings.prompt), progress=False)[0]
+    assert np.array_equal(pixels(again), pixels(image)), "the text reproduces the picture"
+
+
+def test_a_pixel_upscaler_hires_pass_runs(sd1):
+    image = generate(sd1, FAST.replace(hires_scale=1.5, hires_upscaler="Lanczos", strength=0.4), progress=False)[0]
+    assert image.size == (48, 48)
+
+
+def test_img2img_keeps_more_of_the_picture_at_low_strength(sd1, tmp_path):
+    from PIL import Image
+
+    start = np.zeros((32, 32, 3), dtype=np.uint8)
+    start[8:24, 8:24] = (255, 0, 0)
+    Image.fromarray(start).save(tmp_path / "start.png")
+    steps = []
+    low = generate(sd1, FAST.replace(init_image=str(tmp_path / "start.png"), strength=0.3, steps=10), progress=False,
+                   on_step=lambda done, total, *_: steps.append(total))[0]
+    high = generate(sd1, FAST.replace(init_image=str(tmp_path / "start.png"), strength=1.0, steps=10),
+                    progress=False)[0]
+    assert steps[-1] == 3, "img2img runs strength x steps, as A1111 does"
+    distance = lambda im: np.abs(pixels(im) - start.astype(int)).mean()  # noqa: E731
+    assert distance(low) < distance(high)
+
+
+@pytest.mark.parametrize("change, field", [({"strength": 0}, "strength"), ({"hires_scale": 5}, "hires_scale"),
+                                           ({"hires_upscaler": "R-ESRGAN 4x+"}, "R-ESRGAN"),
+                                           ({"init_image": "/nonexistent.png"}, "nonexistent")])
+def test_bad_img2img_and_hires_settings_are_refused_by_name(sd1, change, field):
+    with pytest.raises(SdkitError, match=field):
+        generate(sd1, FAST.replace(**change), progress=False)

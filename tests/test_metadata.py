@@ -122,8 +122,10 @@ ROUND_TRIP = [
     GenerationSettings(prompt="日本の猫, café ☕, emoji 🐱", negative_prompt="χαμηλή ποιότητα", model="modèle"),
     GenerationSettings(prompt="x", sampler="lcm", steps=4, cfg=1.5, seed=0, clip_skip=3),
     GenerationSettings(prompt="x", sampler="dpm_adaptive", scheduler="karras", seed=123456789012345),
-    GenerationSettings(prompt="x", model="name, with comma", extra={"Hires upscale": "2", "Lora hashes": "a: 1, b: 2",
-                                                                    "Note": 'quote " and\nnewline', "Empty": ""}),
+    GenerationSettings(prompt="x", model="name, with comma", hires_scale=2, extra={"Lora hashes": "a: 1, b: 2",
+                                                                                  "Note": 'quote " and\nnewline',
+                                                                                  "Empty": ""}),
+    GenerationSettings(prompt="x", hires_scale=1.5, hires_steps=10, hires_upscaler="Lanczos", strength=0.35),
 ]
 
 
@@ -168,15 +170,11 @@ def test_parse_a1111_1_10_text_with_schedule_type_and_extras():
     assert (parsed.steps, parsed.sampler, parsed.scheduler, parsed.cfg) == (28, "dpmpp_2m", "karras", 6.5)
     assert (parsed.seed, parsed.width, parsed.height, parsed.clip_skip) == (3158452745, 512, 768, 2)
     assert parsed.model == "dreamshaper_8"
-    assert parsed.extra == {
-        "Model hash": "879db523c3",
-        "Denoising strength": "0.5",
-        "Hires upscale": "2",
-        "Hires steps": "10",
-        "Hires upscaler": "R-ESRGAN 4x+ Anime6B",
-        "Lora hashes": "add_detail: 7c6bad76eb54",
-        "Version": "v1.10.1",
-    }
+    assert (parsed.strength, parsed.hires_scale, parsed.hires_steps) == (0.5, 2, 10)
+    assert parsed.hires_upscaler == "R-ESRGAN 4x+ Anime6B"
+    with pytest.raises(SdkitError, match="R-ESRGAN 4x\\+ Anime6B"):  # refused by name, never run as another upscaler
+        parsed.check()
+    assert parsed.extra == {"Model hash": "879db523c3", "Lora hashes": "add_detail: 7c6bad76eb54", "Version": "v1.10.1"}
 
 
 def test_parse_old_karras_sampler_form():
