@@ -62,6 +62,6 @@ def show(pipe, latents: torch.Tensor) -> Image.Image:
     if tiny is None:
         return to_image(latents, vaes.original(pipe))
     with torch.inference_mode():
-        pixels = tiny.model.decode(latents[:1].detach().float().to(tiny.model.device)).sample[0]
+        pixels = tiny.model.decode(latents[:1].detach().to(tiny.model.device, tiny.model.dtype)).sample[0].float()
     array = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array)

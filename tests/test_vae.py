@@ -70,7 +70,7 @@ def test_a_vae_for_another_latent_space_is_refused_before_anything_changes(sd1, 
     torch.manual_seed(3)
     stranger = AutoencoderKL.from_config(dict(vae.original(sd1).config))  # same shape, other weights
     save_file({k: v.contiguous() for k, v in stranger.state_dict().items()}, str(tmp_path / "stranger.safetensors"))
-    with pytest.raises(SdkitError, match="different picture"):
+    with pytest.raises(SdkitError, match="other colours"):
         vae.apply(sd1, vae.load(tmp_path / "stranger.safetensors"))
     assert vae.active(sd1) == "" and np.array_equal(pixels(sd1), before)
 
@@ -175,4 +175,5 @@ def test_the_preview_uses_the_familys_tiny_decoder_when_the_folder_has_one(sd1, 
     assert tiny.size == (32, 32) and linear.size == (16, 16)  # the tiny decoder upsamples 4x, this VAE 2x
     with torch.no_grad():
         expected = ((reference.decode(latents).sample[0].clamp(-1, 1) + 1) * 127.5).round()
-    assert np.array_equal(np.asarray(tiny), expected.permute(1, 2, 0).to(torch.uint8).numpy())
+    difference = np.abs(np.asarray(tiny).astype(int) - expected.permute(1, 2, 0).numpy().astype(int))
+    assert difference.mean() < 2, "the tiny decoder's picture (it runs in this machine's VAE dtype, fp32 here)"
