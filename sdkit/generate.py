@@ -291,10 +291,11 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         total = sum(n for _, n in passes)
         bar = tqdm(total=total, desc=f"image {index + 1}/{settings.batch_size} seed {image_seed}",
                    disable=not progress, leave=False)
-        done_before = [0]
+        done_before, current = [0], [passes[0][1]]
 
         def after_step(_pipe, step, _t, tensors):
-            bar.n = done_before[0] + step + 1
+            calls = getattr(_pipe, "_num_timesteps", None) or len(_pipe.scheduler.timesteps)  # 2 per step: 2nd order
+            bar.n = done_before[0] + min(current[0], round((step + 1) * current[0] / calls))
             bar.refresh()
             if on_step is not None:
                 on_step(bar.n, total, tensors["latents"], seen.get("denoised"))
@@ -316,6 +317,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                     latents = pipe(num_inference_steps=settings.steps, width=settings.width, height=settings.height,
                                    **common).images
                 done_before[0] = passes[0][1]
+                current[0] = passes[-1][1]
                 if settings.hires_scale > 1:  # 5. A1111's hires fix: enlarge, then redraw at `strength`
                     pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
                     if on_step is not None:

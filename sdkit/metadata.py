@@ -108,26 +108,11 @@ def parse_parameters(text: str) -> GenerationSettings:
             negative.append(line)
     settings = GenerationSettings(prompt="\n".join(prompt), negative_prompt="\n".join(negative or []))
     for key, value in params.items():
-        if key == "Steps":
-            settings.steps = _to_int(key, value)
-        elif key == "CFG scale":
-            settings.cfg = _to_float(key, value)
-        elif key == "Seed":
-            settings.seed = _to_int(key, value)
+        if key in _FIELDS:
+            name, convert = _FIELDS[key]
+            setattr(settings, name, convert(key, value))
         elif key == "Size":
             settings.width, settings.height = _to_size(value)
-        elif key == "Model":
-            settings.model = value
-        elif key == "Clip skip":
-            settings.clip_skip = _to_int(key, value)
-        elif key == "Denoising strength":
-            settings.strength = _to_float(key, value)
-        elif key == "Hires upscale":
-            settings.hires_scale = _to_float(key, value)
-        elif key == "Hires steps":
-            settings.hires_steps = _to_int(key, value)
-        elif key == "Hires upscaler":
-            settings.hires_upscaler = value
         elif key == "Sampler":
             settings.sampler, karras, known = _sampler_from_display(value)
             settings.scheduler = "karras" if karras else settings.scheduler
@@ -219,6 +204,20 @@ def _to_float(key: str, value: str) -> float:
         return float(value)
     except ValueError:
         raise SdkitError(f"'{key}: {value}' is not a number.", fix=f"write it like '{key}: 7.5'") from None
+
+
+def _text(_key: str, value: str) -> str:
+    """A text field as it came."""
+    return value
+
+
+# A1111's key -> (GenerationSettings field, converter) for the fields read one to one.
+_FIELDS = {"Steps": ("steps", _to_int), "CFG scale": ("cfg", _to_float),
+           "Seed": ("seed", _to_int), "Model": ("model", _text),
+           "Clip skip": ("clip_skip", _to_int),
+           "Denoising strength": ("strength", _to_float),
+           "Hires upscale": ("hires_scale", _to_float),
+           "Hires steps": ("hires_steps", _to_int), "Hires upscaler": ("hires_upscaler", _text)}
 
 
 def _to_size(value: str) -> tuple[int, int]:

@@ -17,17 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from sdkit.shapes import data
-from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Log, _save_state
+from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Plan, fit
 
 MODELS = BUNDLE.parents[1]
 LORA_NAME, EMBEDDING_NAME = "outlines", "moon"
@@ -40,18 +38,8 @@ LORA_TARGETS = (r".*(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.n
                 r"|resnets\.\d+\.conv[12]|samplers\.0\.conv)$")
 
 
-@dataclass
-class Plan:
-    """How long and how hard one add-on trains."""
-
-    steps: int
-    batch: int
-    lr: float
-    seed: int = 0
-    save_every: int = 100
-
-
-PLANS = {"lora": Plan(steps=800, batch=32, lr=2e-3), "embedding": Plan(steps=600, batch=32, lr=5e-3)}
+PLANS = {"lora": Plan(steps=800, batch=32, lr=2e-3, save_every=100, warmup=50),
+         "embedding": Plan(steps=600, batch=32, lr=5e-3, save_every=100, warmup=50)}
 
 
 def base_parts() -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module, object, object]:
@@ -180,49 +168,6 @@ class EmbeddingTask(torch.nn.Module):
         pixels, captions = _batch(step, plan, look=MOON)
         generator = torch.Generator().manual_seed(plan.seed * 1_000_003 + step)
         return _denoise_loss(self.unet, self.vae, self.noise, pixels, self.context(captions), generator=generator)
-
-
-def fit(task: torch.nn.Module, plan: Plan, *, name: str, runs: Path) -> float:
-    """Train `task` (its `loss(step, plan)`, its trainable parameters) by `plan`, resuming from runs/<name>.state.pt
-    and logging to runs/<name>.log; returns the training seconds."""
-    torch.manual_seed(plan.seed)
-    trainable = [p for p in task.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + np.cos(np.pi * min(s, plan.steps) / plan.steps)))
-    state_path, log = runs / f"{name}.state.pt", Log(runs / f"{name}.log")
-    start, elapsed = 0, 0.0
-    if state_path.exists():
-        state = torch.load(state_path, weights_only=False)  # our own file, written by _save_state
-        for p, saved in zip(trainable, state["trainable"]):
-            p.data.copy_(saved)
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start, elapsed = state["step"], state["elapsed"]
-    if start == 0:
-        log.write(event="start", part=name, plan=asdict(plan), threads=torch.get_num_threads(),
-                  parameters=sum(p.numel() for p in trainable))
-    began = time.perf_counter() - elapsed
-    running = []
-    for step in tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"train {name}"):
-        loss = task.loss(step, plan)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        schedule.step()
-        running.append(loss.item())
-        done = step + 1
-        if done % 50 == 0 or done == plan.steps:
-            log.write(step=done, loss=float(np.mean(running)), lr=schedule.get_last_lr()[0],
-                      seconds=round(time.perf_counter() - began, 1))
-            running = []
-        if done % plan.save_every == 0 or done == plan.steps:
-            _save_state(state_path, trainable=[p.detach() for p in trainable], optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), step=done, elapsed=time.perf_counter() - began)
-    seconds = round(time.perf_counter() - began, 1)
-    log.write(event="done", part=name, seconds=seconds)
-    return seconds
 
 
 def train(part: str, *, runs: Path = RUNS, steps: int | None = None, models: Path = MODELS) -> Path:

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from sdkit.shapes import data
-from sdkit.shapes.addons import MODELS, Plan, base_parts, fit
-from sdkit.shapes.train import RUNS
+from sdkit.shapes.addons import MODELS, base_parts
+from sdkit.shapes.train import RUNS, Plan, fit
 
 TINY_NAME = "taesd_shapes_decoder"
 TINY_WIDTH, TINY_BLOCKS = 16, (2, 2, 1)  # 3 groups = 2 upsamplings: shapes-v1's VAE is 4x, not SD's 8x
-PLANS = {"tiny": Plan(steps=1500, batch=32, lr=2e-3)}
+PLANS = {"tiny": Plan(steps=1500, batch=32, lr=2e-3, save_every=100, warmup=50)}
 
 
 class TinyTask(torch.nn.Module):

@@ -38,6 +38,7 @@ class Plan:
     lr: float
     seed: int = 0
     save_every: int = 200
+    warmup: int = 100  # steps of linear learning-rate warm-up before the cosine decay
 
 
 PLANS = {"vae": Plan(steps=1000, batch=16, lr=2e-3), "text": Plan(steps=500, batch=128, lr=2e-3),
@@ -183,35 +184,31 @@ def _unet_loss(model: UnetTask, step: int, plan: Plan) -> torch.Tensor:
     return F.mse_loss(model.unet(noisy, t, model.embed(captions)).sample, noise)
 
 
-def train(part: str, *, runs: Path = RUNS, steps: int | None = None) -> Path:
-    """Train (or resume) one part; returns the path of its weights in runs/."""
-    plan = PLANS[part]
-    plan = Plan(**{**asdict(plan), "steps": steps or plan.steps})
+def fit(task: torch.nn.Module, plan: Plan, *, name: str, runs: Path, parameters: int | None = None) -> float:
+    """Train `task` (its `loss(step, plan)`, its trainable parameters) by `plan`, resuming from runs/<name>.state.pt
+    and logging to runs/<name>.log (`parameters`: the count to log, by default the trainable ones); returns the
+    training seconds. Every shapes-world model and add-on trains through this one loop."""
     torch.manual_seed(plan.seed)
-    model = build(part, seed=plan.seed)
-    task: torch.nn.Module = {"vae": lambda: model, "text": lambda: TextTask(model),
-                             "unet": lambda: UnetTask(model, runs=runs)}[part]()
-    loss_fn = {"vae": _vae_loss, "text": _text_loss, "unet": _unet_loss}[part]
     trainable = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=plan.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + np.cos(np.pi * min(s, plan.steps) / plan.steps)))
-    state_path, log = runs / f"{part}.state.pt", Log(runs / f"{part}.log")
+        optimizer, lambda s: min(1.0, (s + 1) / plan.warmup) * 0.5 * (1 + np.cos(np.pi * min(s, plan.steps) / plan.steps)))
+    state_path, log = runs / f"{name}.state.pt", Log(runs / f"{name}.log")
     start, elapsed = 0, 0.0
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)  # our own file, written by _save_state
-        task.load_state_dict(state["task"])
+        for p, saved in zip(trainable, state["trainable"]):
+            p.data.copy_(saved)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start, elapsed = state["step"], state["elapsed"]
     if start == 0:
-        log.write(event="start", part=part, plan=asdict(plan), threads=torch.get_num_threads(),
-                  parameters=sum(p.numel() for p in model.parameters()))
-    task.train()
+        log.write(event="start", part=name, plan=asdict(plan), threads=torch.get_num_threads(),
+                  parameters=parameters or sum(p.numel() for p in trainable))
     began = time.perf_counter() - elapsed
     running = []
-    for step in tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"train {part}"):
-        loss = loss_fn(task, step, plan)
+    for step in tqdm(range(start, plan.steps), initial=start, total=plan.steps, desc=f"train {name}"):
+        loss = task.loss(step, plan)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -224,11 +221,37 @@ def train(part: str, *, runs: Path = RUNS, steps: int | None = None) -> Path:
                       seconds=round(time.perf_counter() - began, 1))
             running = []
         if done % plan.save_every == 0 or done == plan.steps:
-            _save_state(state_path, task=task.state_dict(), optimizer=optimizer.state_dict(),
+            _save_state(state_path, trainable=[p.detach() for p in trainable], optimizer=optimizer.state_dict(),
                         schedule=schedule.state_dict(), step=done, elapsed=time.perf_counter() - began)
+    seconds = round(time.perf_counter() - began, 1)
+    log.write(event="done", part=name, seconds=seconds)
+    return seconds
+
+
+class _Task(torch.nn.Module):
+    """A part and its loss function, as fit() takes them."""
+
+    def __init__(self, inner: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.inner, self.loss_fn = inner, loss_fn
+
+    def loss(self, step: int, plan: Plan) -> torch.Tensor:
+        """This step's loss."""
+        return self.loss_fn(self.inner, step, plan)
+
+
+def train(part: str, *, runs: Path = RUNS, steps: int | None = None) -> Path:
+    """Train (or resume) one part; returns the path of its weights in runs/."""
+    plan = PLANS[part]
+    plan = Plan(**{**asdict(plan), "steps": steps or plan.steps})
+    torch.manual_seed(plan.seed)
+    model = build(part, seed=plan.seed)
+    inner: torch.nn.Module = {"vae": lambda: model, "text": lambda: TextTask(model),
+                              "unet": lambda: UnetTask(model, runs=runs)}[part]()
+    task = _Task(inner, {"vae": _vae_loss, "text": _text_loss, "unet": _unet_loss}[part]).train()
+    fit(task, plan, name=part, runs=runs, parameters=sum(p.numel() for p in model.parameters()))
     out = runs / f"{part}.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out))
-    log.write(event="done", part=part, seconds=round(time.perf_counter() - began, 1))
     if part == "vae":
         _set_scaling_factor(model)
     return out
