@@ -7,11 +7,13 @@ STAMP := $(VENV)/.sdkit-installed
 ARGS ?=
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-# PyTorch: the CPU build by default. On a machine whose pip finds a local CPU wheel of
-# TORCH_VERSION (as this project's build machines do) that wheel is used; elsewhere pip
-# asks PyTorch's CPU wheel index. ROCm: make lab TORCH_INDEX=https://download.pytorch.org/whl/rocm6.4
-TORCH_VERSION ?= 2.13.0
-TORCH_LOCAL := $(wildcard /opt/wheels/torch-$(TORCH_VERSION)+cpu-*.whl)
+# PyTorch: the CPU build by default, torch with the torchvision made for it (spandrel, which
+# loads upscale models, imports torchvision). On a machine whose pip already has this pair on
+# local disk (this project's build machines: a local index under /opt) that copy is used;
+# elsewhere pip asks PyTorch's CPU wheel index. ROCm: make lab TORCH_INDEX=https://download.pytorch.org/whl/rocm6.4
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
+TORCH_LOCAL := $(wildcard /opt/pypi*/simple/torch/index.html)
 ifeq ($(strip $(TORCH_LOCAL)),)
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
@@ -21,9 +23,9 @@ TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
 install: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml tools/jupyterlab/overrides.json
+$(STAMP): requirements.txt pyproject.toml tools/jupyterlab/overrides.json Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)" $(TORCH_PIP_ARGS)
 	$(PY) -m pip install --quiet -r requirements.txt -e .
 	@# The course's JupyterLab settings: no news or update pop-ups on first start.
 	mkdir -p $(VENV)/share/jupyter/lab/settings

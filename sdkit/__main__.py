@@ -1,9 +1,10 @@
-"""CLI: python -m sdkit {device,models,info,generate,evaluate,bench,params}."""
+"""CLI: python -m sdkit {device,models,info,generate,upscale,evaluate,bench,params}."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,8 +45,12 @@ def _info(args: argparse.Namespace) -> None:
 
 def _describe_addon(path: Path, *, kind: str) -> dict | None:
     """info for a LoRA or embedding (by its folder, or by what its tensors look like); None for other files."""
-    from sdkit import embeddings, formats, loras, vae
+    from sdkit import embeddings, formats, loras, upscale, vae
 
+    if kind == "upscale_models":
+        result = upscale.describe(upscale.load(path))
+        result["sha256"] = formats.sha256(path)
+        return result
     names = list(formats.read_specs(path)[0])
     if kind in ("vae", "vae_approx"):
         result = vae.describe(vae.load(path))
@@ -88,6 +93,11 @@ def _generate(args: argparse.Namespace) -> None:
     )
     settings.check()  # before a load that can take minutes
     check_sampler(settings)
+    upscaler = None
+    if args.upscaler:
+        from sdkit import upscale
+
+        upscaler = upscale.load(args.upscaler, root=args.root)  # a wrong file is refused before the long load
     pipe = load(args.model, root=args.root)
     if args.vae:
         from sdkit import vae
@@ -100,6 +110,17 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"note: {note}", file=sys.stderr)
         path = save_image(image, settings=image.sdkit_settings, out_dir=Path(args.out), model_hash=pipe.sdkit.autov2)
         print(path)
+        if upscaler is not None:
+            print(upscale.upscale_file(path, upscaler, progress=not args.quiet))
+
+
+def _upscale(args: argparse.Namespace) -> None:
+    from sdkit import upscale
+
+    chosen = upscale.load(args.model, root=args.root)
+    for image in args.image:
+        print(upscale.upscale_file(image, chosen, out=args.out if len(args.image) == 1 else None, tile=args.tile,
+                                   progress=not args.quiet))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -170,11 +191,22 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--hires-scale", type=float, default=1.0, help="hires fix: a second pass this many times larger")
     s.add_argument("--hires-strength", type=float, default=0.75, help="hires fix: its denoising strength")
     s.add_argument("--hires-steps", type=int, default=0, help="hires fix: its steps (0 = as many as --steps)")
-    s.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (nearest), Lanczos or Nearest")
+    s.add_argument("--hires-upscaler", default="Latent",
+                   help="Latent, Latent (nearest), Lanczos, Nearest, or an upscale model's name (upscale_models folder)")
+    s.add_argument("--upscaler", metavar="NAME", help="also write each image enlarged by this upscale model "
+                   "(upscale_models folder, or a path), as <image>-<model>.png")
     s.add_argument("--vae", metavar="NAME", help="decode with this VAE (or tiny decoder) from the vae folder, or a path")
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_generate)
+
+    s = sub.add_parser("upscale", help="enlarge images with an upscale model into new PNGs (never overwrites)")
+    s.add_argument("image", nargs="+", help="PNG or JPEG files")
+    s.add_argument("--model", required=True, help="upscale model name in models/upscale_models, or a path")
+    s.add_argument("--out", help="output file (one image only); default <image>-<model>.png next to it")
+    s.add_argument("--tile", type=int, default=512, help="tile size in input pixels (smaller: less memory)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(run=_upscale)
 
     s = sub.add_parser("evaluate", help="measure how well a model follows prompts (the shapes world)")
     s.add_argument("world", choices=["shapes"], help="which world's prompts and detector to use")
@@ -199,6 +231,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input prints one clear error and exits 2, with no traceback."""
     args = parser().parse_args(argv)
+    if getattr(args, "root", None):  # every lookup of this run (LoRAs and embeddings in the prompt, hires models) too
+        os.environ["SDKIT_MODELS"] = str(args.root)
     try:
         args.run(args)
     except SdkitError as error:

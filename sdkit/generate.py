@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -70,11 +71,16 @@ class GenerationSettings:
         if not 1 <= self.hires_scale <= 4:
             raise SdkitError(f"hires_scale={self.hires_scale} is not usable: A1111's Hires upscale runs from 1 to 4.",
                              fix="use hires_scale=2 for a hires pass, or 1 for none")
+        for name, on, steps in (("img2img", bool(self.init_image), self.steps),
+                                ("hires", self.hires_scale > 1, self.hires_steps or self.steps)):
+            if on and int(steps * self.strength) < 1:  # diffusers and A1111 redraw int(steps x strength) steps
+                raise SdkitError(f"the {name} pass would redraw int({steps} steps x strength {self.strength:g}) = 0 "
+                                 f"steps.", fix=f"use strength {math.ceil(100 / steps) / 100:g} or more, or more steps")
         if self.hires_steps < 0:
             raise SdkitError(f"hires_steps={self.hires_steps} is not usable.", fix="use 0 (as many as steps) or more")
-        if self.hires_upscaler not in HIRES_UPSCALERS:
-            raise SdkitError(f"Hires upscaler {self.hires_upscaler!r} is not one sdkit runs: {', '.join(HIRES_UPSCALERS)}.",
-                             fix="use 'Latent' (A1111's default); upscale models come with sdkit.upscale")
+        if not self.hires_upscaler.strip() or "\n" in self.hires_upscaler:
+            raise SdkitError(f"Hires upscaler {self.hires_upscaler!r} is not a name.",
+                             fix=f"use one of {', '.join(HIRES_UPSCALERS)} or an upscale model's name")
         if self.hires_scale > 1:
             for name in ("width", "height"):
                 target = self.hires_size()[name == "height"]
@@ -86,6 +92,7 @@ class GenerationSettings:
 
 
 # A1111's hires upscalers that need no model file: latent-space interpolation, or resizing the decoded picture.
+# Any other name is an upscale model in the upscale_models folder (sdkit.upscale), as in A1111's list.
 HIRES_UPSCALERS = {"Latent": ("latent", "bilinear"), "Latent (nearest)": ("latent", "nearest"),
                    "Lanczos": ("pixels", "lanczos"), "Nearest": ("pixels", "nearest")}
 
@@ -218,19 +225,47 @@ def _init_image(settings: GenerationSettings):
     return picture.resize((settings.width, settings.height), Image.Resampling.LANCZOS)
 
 
-def _enlarge(pipe, latents, settings: GenerationSettings):
-    """The first pass enlarged to the hires size: its latents interpolated, or its decoded picture resized."""
+def _hires_model(pipe, settings: GenerationSettings):
+    """The upscale model a hires pass names (None for the built-in upscalers), read once per file version."""
+    if settings.hires_scale <= 1 or settings.hires_upscaler in HIRES_UPSCALERS:
+        return None
+    from sdkit import upscale
+    from sdkit.paths import ModelPaths
+
+    try:
+        path = ModelPaths.from_root(None).find("upscale_models", settings.hires_upscaler)
+    except SdkitError as error:
+        raise SdkitError(f"Hires upscaler {settings.hires_upscaler!r} is neither one sdkit runs without a file "
+                         f"({', '.join(HIRES_UPSCALERS)}) nor an upscale model: {error.message}", fix=error.fix) from None
+    cache = pipe.__dict__.setdefault("_sdkit_upscalers", {})
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in cache:
+        cache.clear()
+        cache[key] = upscale.load(path)
+    return cache[key]
+
+
+def _enlarge(pipe, latents, settings: GenerationSettings, model=None):
+    """The first pass enlarged to the hires size: its latents interpolated, or its decoded picture resized or
+    enlarged by an upscale model (then resized to the hires size, as A1111 does)."""
     import torch.nn.functional as F
     from PIL import Image
 
     width, height = settings.hires_size()
-    space, mode = HIRES_UPSCALERS[settings.hires_upscaler]
+    space, mode = HIRES_UPSCALERS.get(settings.hires_upscaler, ("pixels", "model"))
     factor = getattr(pipe, "vae_scale_factor", 8)
     if space == "latent":
         return F.interpolate(latents, size=(height // factor, width // factor), mode=mode)
     from sdkit import vae as vaes
 
     picture = vaes.decode(pipe, latents)[0]
+    if model is not None:
+        from sdkit import upscale
+
+        picture = upscale.upscale(model, picture, progress=False)
+        mode = "lanczos"
+    if picture.size == (width, height):
+        return picture
     resample = Image.Resampling.LANCZOS if mode == "lanczos" else Image.Resampling.NEAREST
     return picture.resize((width, height), resample)
 
@@ -262,6 +297,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     seed = _resolve_seed(settings.seed)
     base_scheduler = dict(pipe.scheduler.config)
     warnings.filterwarnings("ignore", module="torchsde")  # its float-rounding notes about Brownian intervals
+    hires_model = _hires_model(pipe, settings)
     layers = pipe.text_encoder.config.num_hidden_layers
     if settings.clip_skip > layers:
         raise SdkitError(f"clip_skip={settings.clip_skip} is more than this text encoder's {layers} layers.",
@@ -322,7 +358,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                     pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
                     if on_step is not None:
                         _capture_denoised(pipe.scheduler, seen)
-                    bigger = _enlarge(pipe, latents, settings)
+                    bigger = _enlarge(pipe, latents, settings, hires_model)
                     latents = _img2img(pipe)(image=bigger, strength=settings.strength,
                                              num_inference_steps=settings.hires_steps or settings.steps,
                                              **common).images

@@ -11,10 +11,13 @@ the learner turns the hires fix on).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def control_group(*, on: bool = True, scale: float = 2.0, strength: float = 0.5, steps: int = 0,
                   upscaler: str = "Latent"):
-    """A panel group: hires fix on/off, its upscale factor, denoising strength, steps and upscaler."""
+    """A panel group: hires fix on/off, its upscale factor, denoising strength, steps and upscaler (the built-in
+    ones, then the upscale models found in the models folders)."""
     import ipywidgets as w
 
     from sdkit.generate import HIRES_UPSCALERS
@@ -30,7 +33,9 @@ def control_group(*, on: bool = True, scale: float = 2.0, strength: float = 0.5,
             self.strength = w.FloatSlider(value=strength, min=0.05, max=1.0, step=0.05,
                                           description="denoising", continuous_update=False)
             self.steps = w.IntSlider(value=steps, min=0, max=150, description="hires steps", continuous_update=False)
-            self.upscaler = w.Dropdown(options=list(HIRES_UPSCALERS), value=upscaler, description="upscaler")
+            options = list(HIRES_UPSCALERS) + _models()
+            self.upscaler = w.Dropdown(options=options, value=upscaler if upscaler in options else "Latent",
+                                       description="upscaler")
             for widget, name in ((self.on, "on"), (self.scale, "scale"), (self.strength, "strength"),
                                  (self.steps, "steps"), (self.upscaler, "upscaler")):
                 widget.add_class(f"sdkit-hires-{name}")
@@ -49,7 +54,14 @@ def control_group(*, on: bool = True, scale: float = 2.0, strength: float = 0.5,
             if settings.hires_scale > 1:
                 self.scale.value, self.strength.value = settings.hires_scale, settings.strength
                 self.steps.value = settings.hires_steps
-                if settings.hires_upscaler in HIRES_UPSCALERS:
+                if settings.hires_upscaler in self.upscaler.options:
                     self.upscaler.value = settings.hires_upscaler
 
     return HiresGroup()
+
+
+def _models() -> list[str]:
+    """The upscale models in the models folders, by name (what the dropdown offers after the built-in ones)."""
+    from sdkit.paths import ModelPaths
+
+    return [str(Path(name).with_suffix("")) for name in ModelPaths.from_root(None).list("upscale_models")]

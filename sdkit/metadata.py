@@ -311,6 +311,20 @@ def save_image_as(
     return path
 
 
+def save_png(image: Image.Image, *, path: str | os.PathLike[str], texts: dict[str, str]) -> Path:
+    """Save image at exactly path with these PNG text chunks (e.g. `parameters`), atomically; an error if path
+    exists."""
+    path = Path(path)
+    if os.path.lexists(path):
+        raise _exists_error(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = _encode(image, texts)
+    with _temp_file(path.parent, data) as temp:
+        if not _claim(temp, path, data):
+            raise _exists_error(path)
+    return path
+
+
 def _exists_error(path: Path) -> SdkitError:
     """The error for a target that is already there."""
     return SdkitError(f"{path} already exists; sdkit never overwrites an image.",
@@ -319,11 +333,17 @@ def _exists_error(path: Path) -> SdkitError:
 
 def _png_bytes(image: Image.Image, *, settings: GenerationSettings, seed: int, model_hash: str) -> bytes:
     """image encoded as PNG with the 'parameters' chunk."""
+    return _encode(image, {"parameters": format_parameters(settings, model_hash=model_hash, seed=seed)})
+
+
+def _encode(image: Image.Image, texts: dict[str, str]) -> bytes:
+    """image encoded as PNG with these text chunks."""
     if not isinstance(image, Image.Image):
         raise SdkitError(f"expected a PIL image, got {type(image).__name__}.",
                          fix="convert it first, e.g. PIL.Image.fromarray(array)")
     info = PngInfo()
-    info.add_text("parameters", format_parameters(settings, model_hash=model_hash, seed=seed))  # iTXt if not latin-1
+    for key, text in texts.items():
+        info.add_text(key, text)  # iTXt if not latin-1
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -134,3 +134,54 @@ def write_lora(pipe, path: Path, *, kind: str = "lora", naming: str = "kohya", r
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return tensors
+
+
+# Real-ESRGAN's "new" RRDBNet names for the old ESRGAN ones (RealESRGAN_x4plus.pth uses them).
+ESRGAN_NEW_NAMES = {"model.0.": "conv_first.", "model.3.": "conv_up1.", "model.6.": "conv_up2.", "model.8.": "conv_hr.",
+                    "model.10.": "conv_last."}
+
+
+def write_upscaler(kind: str, path: Path, *, scale: int = 4, seed: int = 0) -> Path:
+    """A tiny random upscale model in a real file layout: 'compact' (Real-ESRGAN compact, `body.N`), 'esrgan'
+    (ESRGAN's old `model.N` layout), 'esrgan-new' (Real-ESRGAN's RRDBNet names, wrapped in `params_ema`) or
+    'swinir'. Saved as .safetensors or a .pth pickle by the path's suffix."""
+    torch.manual_seed(seed)
+    if kind == "compact":
+        from spandrel.architectures.Compact import Compact
+
+        state = Compact(num_feat=8, num_conv=2, upscale=scale).state_dict()
+    elif kind in ("esrgan", "esrgan-new"):
+        from spandrel.architectures.ESRGAN import ESRGAN
+
+        state = ESRGAN(num_filters=8, num_blocks=1, scale=scale).state_dict()
+        if kind == "esrgan-new":
+            state = {_new_esrgan_name(k): v for k, v in state.items()}
+    elif kind == "swinir":
+        from spandrel.architectures.SwinIR import SwinIR
+
+        state = SwinIR(img_size=16, embed_dim=12, depths=[1], num_heads=[2], window_size=4, mlp_ratio=2,
+                       upscale=scale, upsampler="pixelshuffledirect").state_dict()
+    else:
+        raise ValueError(f"unknown upscaler kind {kind!r}")
+    state = {k: v.contiguous() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save({"params_ema": state} if kind == "esrgan-new" else state, path)
+    return path
+
+
+def _new_esrgan_name(key: str) -> str:
+    """An old ESRGAN key in Real-ESRGAN's RRDBNet naming."""
+    import re
+
+    if m := re.match(r"model\.1\.sub\.(\d+)\.RDB(\d)\.conv(\d)\.0\.(weight|bias)", key):
+        return f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"
+    if m := re.match(r"model\.1\.sub\.\d+\.(weight|bias)", key):
+        return f"conv_body.{m[1]}"
+    for old, new in ESRGAN_NEW_NAMES.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise KeyError(key)

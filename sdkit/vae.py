@@ -48,19 +48,36 @@ class Vae:
 # --- reading files -------------------------------------------------------------------------------------------------
 
 
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, `first_stage_model.`/`vae.` prefixes dropped."""
+def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of the file, `first_stage_model.`/`vae.` prefixes dropped, and its metadata."""
+    metadata: dict[str, str] = {}
     if formats.file_format(path) == "safetensors":
         from safetensors.torch import load_file
 
-        formats.read_specs(path)  # the friendly errors for damaged files come from here
+        _, metadata = formats.read_specs(path)  # the friendly errors for damaged files come from here
         state = load_file(str(path))
     else:
         state = formats.load_pickle(path)
     for prefix in ("first_stage_model.", "vae."):
         if any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return state, metadata
+
+
+def _norm_groups(metadata: dict[str, str], *, path: Path, widths: list[int]) -> int:
+    """GroupNorm's group count, which no tensor shape shows: 32 in every SD/SDXL/SD3/FLUX VAE; the shapes world's
+    own VAEs say what they are in their metadata (`modelspec.architecture`) and take its shipped config's."""
+    groups = 32
+    if metadata.get("modelspec.architecture", "").startswith("sdkit-shapes"):
+        import json
+
+        from sdkit.checkpoints import CONFIGS
+
+        groups = json.loads((CONFIGS / "shapes" / "vae" / "config.json").read_text())["norm_num_groups"]
+    if any(w % groups for w in widths):
+        raise SdkitError(f"{path.name} has VAE widths {widths}, which do not split into the {groups} normalisation "
+                         f"groups a VAE of this kind uses.", fix="the file is not a VAE sdkit knows; use one made for SD models")
+    return groups
 
 
 def _count(names, pattern: str) -> int:
@@ -69,7 +86,7 @@ def _count(names, pattern: str) -> int:
     return max(found) + 1 if found else 0
 
 
-def _full(state: dict[str, torch.Tensor], *, path: Path) -> torch.nn.Module:
+def _full(state: dict[str, torch.Tensor], *, path: Path, metadata: dict[str, str]) -> torch.nn.Module:
     """An AutoencoderKL from original-layout or diffusers-layout tensors."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
@@ -90,7 +107,8 @@ def _full(state: dict[str, torch.Tensor], *, path: Path) -> torch.nn.Module:
               "out_channels": state["decoder.conv_out.weight"].shape[0], "latent_channels": latent,
               "block_out_channels": widths, "layers_per_block": per_block,
               "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
-              "use_quant_conv": "quant_conv.weight" in state, "use_post_quant_conv": "post_quant_conv.weight" in state}
+              "use_quant_conv": "quant_conv.weight" in state, "use_post_quant_conv": "post_quant_conv.weight" in state,
+              "norm_num_groups": _norm_groups(metadata, path=path, widths=widths)}
     model = AutoencoderKL.from_config(config)
     weights = convert_ldm_vae_checkpoint(state, config=dict(model.config)) if original else state
     _load(model, weights, path=path)
@@ -159,7 +177,7 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Vae:
         path = registry.find("vae", name_or_path)
     except SdkitError:
         path = registry.find("vae_approx", name_or_path)
-    state = _tensors(path)
+    state, metadata = _tensors(path)
     kind = _kind(state)
     if kind is None:
         raise SdkitError(f"{path.name} is not a VAE: it has no encoder/decoder tensors (it looks like "
@@ -167,7 +185,7 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Vae:
                          fix="put VAE files (e.g. vae-ft-mse-840000-ema-pruned.safetensors, taesd_decoder.pth) in "
                              "models/vae, and checkpoints, LoRAs and others in their own folders")
     with torch.no_grad():
-        model = (_full if kind == "full" else _tiny)(state, path=path)
+        model = _full(state, path=path, metadata=metadata) if kind == "full" else _tiny(state, path=path)
     return Vae(name=path.stem, path=path, model=model.eval().requires_grad_(False), kind=kind)
 
 
@@ -220,9 +238,11 @@ def check(pipe, chosen: Vae) -> float:
                          f"{family} makes {mine}-channel ones ({_latent_family(mine)}); nothing was changed.",
                          fix=f"use a VAE made for {family} models")
     latents, reference = _test_latents(pipe)
-    model = chosen.model.to(own.device, own.dtype)
+    model = _prepared(chosen.model)  # as apply() will run it (this machine's VAE dtype and layout)
+    latents = latents.to(model.dtype)
     with torch.no_grad():
-        decoded = model.decode(latents / model.config.scaling_factor if chosen.kind == "full" else latents).sample
+        # A full VAE decodes with the checkpoint's scaling factor, as apply() and A1111 set it.
+        decoded = model.decode(latents / own.config.scaling_factor if chosen.kind == "full" else latents).sample
     pool = torch.nn.functional.adaptive_avg_pool2d  # each patch's mean colour: the latent language, not fine detail
     score = _psnr(pool(decoded.float(), 4), pool(reference, 4))
     if score < COMPATIBLE_PSNR:

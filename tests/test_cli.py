@@ -95,3 +95,42 @@ def test_hires_and_img2img_options_reach_the_png(root, capsys):
     assert main(["--root", str(root), *ARGS, "--out", str(out), "--init-image", hires, "--strength", "0.5"]) == 0
     again = capsys.readouterr().out.split()[0]
     assert read_parameters(again).strength == 0.5 and Image.open(again).size == (32, 40)
+
+
+def test_upscale_writes_new_files_and_generate_can_upscale_too(root, capsys, monkeypatch):
+    from sdkit.testing import write_upscaler
+
+    monkeypatch.delenv("SDKIT_MODELS", raising=False)
+    (root / "upscale_models").mkdir()
+    write_upscaler("compact", root / "upscale_models" / "tiny-x4.safetensors")
+    out = root / "out"
+    assert main(["--root", str(root), *ARGS, "--out", str(out), "--upscaler", "tiny-x4",
+                 "--hires-scale", "1.5", "--hires-upscaler", "tiny-x4", "--hires-strength", "0.4"]) == 0
+    made, enlarged = capsys.readouterr().out.split()
+    assert Image.open(made).size == (48, 64) and Image.open(enlarged).size == (192, 256)
+    assert read_parameters(made).hires_upscaler == "tiny-x4"
+    assert Image.open(enlarged).info["postprocessing"].endswith("Postprocess upscaler: tiny-x4")
+    assert main(["--root", str(root), "upscale", made, "--model", "tiny-x4", "--quiet"]) == 0
+    again = capsys.readouterr().out.strip()
+    assert again.endswith("-tiny-x4-1.png"), "the first upscaled file is kept"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["upscale", "missing.png", "--model", "tiny-x4"], "missing.png does not exist"),
+    (["upscale", "IMAGE", "--model", "nope"], "No upscale_models model named 'nope'"),
+    (["upscale", "IMAGE", "--model", "checkpoints/tiny.safetensors"], "is not an upscale model"),
+    ([*ARGS, "--upscaler", "nope"], "No upscale_models model named 'nope'"),
+    ([*ARGS, "--hires-scale", "2", "--hires-upscaler", "nope"], "Hires upscaler 'nope' is neither"),
+])
+def test_bad_upscale_input_is_one_clear_error(root, capsys, argv, message, monkeypatch):
+    from sdkit.testing import write_upscaler
+
+    monkeypatch.chdir(root)
+    (root / "upscale_models").mkdir()
+    write_upscaler("compact", root / "upscale_models" / "tiny-x4.safetensors")
+    Image.new("RGB", (8, 8)).save(root / "IMAGE", format="PNG")
+    before = sorted(p.name for p in root.rglob("*"))
+    assert main(["--root", str(root), *[a if a != "checkpoints/tiny.safetensors" else str(root / a) for a in argv]]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert sorted(p.name for p in root.rglob("*")) == before

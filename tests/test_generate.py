@@ -187,6 +187,22 @@ def test_a_pixel_upscaler_hires_pass_runs(sd1):
     assert image.size == (48, 48)
 
 
+def test_a_hires_pass_can_enlarge_with_an_upscale_model_by_name(sd1, tmp_path, monkeypatch):
+    from sdkit.metadata import format_parameters, parse_parameters
+    from sdkit.testing import write_upscaler
+
+    (tmp_path / "upscale_models").mkdir()
+    write_upscaler("compact", tmp_path / "upscale_models" / "tiny-x4.safetensors")
+    monkeypatch.setenv("SDKIT_MODELS", str(tmp_path))
+    settings = FAST.replace(hires_scale=1.5, hires_upscaler="tiny-x4", strength=0.4)
+    image = generate(sd1, settings, progress=False)[0]
+    assert image.size == (48, 48), "the model's 4x picture is resized to the hires size, as A1111 does"
+    text = format_parameters(image.sdkit_settings)
+    assert "Hires upscaler: tiny-x4" in text and parse_parameters(text).hires_upscaler == "tiny-x4"
+    lanczos = generate(sd1, settings.replace(hires_upscaler="Lanczos"), progress=False)[0]
+    assert not np.array_equal(pixels(image), pixels(lanczos))
+
+
 def test_img2img_keeps_more_of_the_picture_at_low_strength(sd1, tmp_path):
     from PIL import Image
 
@@ -204,8 +220,9 @@ def test_img2img_keeps_more_of_the_picture_at_low_strength(sd1, tmp_path):
 
 
 @pytest.mark.parametrize("change, field", [({"strength": 0}, "strength"), ({"hires_scale": 5}, "hires_scale"),
-                                           ({"hires_upscaler": "R-ESRGAN 4x+"}, "R-ESRGAN"),
-                                           ({"init_image": "/nonexistent.png"}, "nonexistent")])
+                                           ({"hires_upscaler": "R-ESRGAN 4x+", "hires_scale": 2}, "R-ESRGAN"),
+                                           ({"init_image": "/nonexistent.png"}, "nonexistent"),
+                                           ({"hires_scale": 2, "strength": 0.2}, "0 steps")])
 def test_bad_img2img_and_hires_settings_are_refused_by_name(sd1, change, field):
     with pytest.raises(SdkitError, match=field):
         generate(sd1, FAST.replace(**change), progress=False)

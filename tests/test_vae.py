@@ -34,7 +34,7 @@ def own_vae_file(tiny_files, path, *, layout: str, noise: float = 0.0, seed: int
     if layout == "bare":
         original = {k.removeprefix("first_stage_model."): v for k, v in original.items()}
     elif layout == "diffusers":
-        built = vae._full({k.removeprefix("first_stage_model."): v for k, v in original.items()}, path=path)
+        built = vae._full({k.removeprefix("first_stage_model."): v for k, v in original.items()}, path=path, metadata={})
         original = built.state_dict()
     if path.suffix == ".safetensors":
         save_file({k: v.contiguous() for k, v in original.items()}, str(path))

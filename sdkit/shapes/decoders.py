@@ -1,9 +1,14 @@
-"""Train shapes-v1's tiny decoder on this CPU: python -m sdkit.shapes.decoders {tiny,card}.
+"""Train shapes-v1's other decoders on this CPU: python -m sdkit.shapes.decoders {tiny,warm,card,all}.
 
 `taesd_shapes_decoder`: TAESD's architecture (diffusers' AutoencoderTiny decoder) distilled from shapes-v1's own
 VAE decoder, written in TAESD's numbered single-file layout as ComfyUI's vae_approx folder keeps it. The panel's
 live preview uses it, and `vae.apply` can use it as a fast final decode. Seeded and resumable like every
-shapes-world training script (sdkit.shapes.addons.fit).
+shapes-world training script (sdkit.shapes.train.fit).
+
+`shapes-v1-warm`: an alternative full VAE for shapes-v1, in the single-file layout VAE downloads use
+(`encoder.down.0.block.0...`, as vae-ft-mse-840000-ema-pruned.safetensors). Its encoder is shapes-v1's own, so it
+reads the same latents; its decoder was fine-tuned to paint them with a warm colour grade (`warm()`: white becomes
+cream, black a dark brown), as real alternative VAEs change saturation, contrast and fine detail.
 """
 
 from __future__ import annotations
@@ -21,9 +26,29 @@ from sdkit.shapes import data
 from sdkit.shapes.addons import MODELS, base_parts
 from sdkit.shapes.train import RUNS, Plan, fit
 
-TINY_NAME = "taesd_shapes_decoder"
+TINY_NAME, WARM_NAME = "taesd_shapes_decoder", "shapes-v1-warm"
 TINY_WIDTH, TINY_BLOCKS = 16, (2, 2, 1)  # 3 groups = 2 upsamplings: shapes-v1's VAE is 4x, not SD's 8x
-PLANS = {"tiny": Plan(steps=1500, batch=32, lr=2e-3, save_every=100, warmup=50)}
+PLANS = {"tiny": Plan(steps=1500, batch=32, lr=2e-3, save_every=100, warmup=50),
+         "warm": Plan(steps=600, batch=16, lr=5e-4, save_every=100, warmup=50)}
+# The warm grade per channel, on 0..255: out = gain * in + lift (a film-like look; the VAE check still accepts it).
+WARM_GAIN, WARM_LIFT = (0.90, 0.95, 0.84), (24.0, 8.0, 0.0)
+
+
+def warm(pixels: torch.Tensor) -> torch.Tensor:
+    """The warm grade of pictures in [-1, 1] (N, 3, H, W), as the warm VAE learns to paint them."""
+    gain = torch.tensor(WARM_GAIN).view(1, 3, 1, 1)
+    lift = torch.tensor(WARM_LIFT).view(1, 3, 1, 1) / 127.5
+    return (pixels + 1) * gain - 1 + lift
+
+
+def _pictures(rng: np.random.Generator, count: int) -> torch.Tensor:
+    """`count` seeded shapes-world pictures (a third outlined, as the outlines LoRA draws) in [-1, 1]."""
+    pictures = []
+    for _ in range(count):
+        spec = data.random_spec(rng)
+        spec.style = ("fill", "fill", "outline")[int(rng.integers(3))]
+        pictures.append(np.asarray(data.draw(spec)))
+    return torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 class TinyTask(torch.nn.Module):
@@ -42,13 +67,7 @@ class TinyTask(torch.nn.Module):
 
     def pair(self, step: int, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         """Seeded latents (as the UNet makes them) and the VAE's decode of them."""
-        rng = np.random.default_rng(plan.seed * 1_000_003 + step)
-        pictures = []
-        for _ in range(plan.batch):
-            spec = data.random_spec(rng)
-            spec.style = ("fill", "fill", "outline")[int(rng.integers(3))]  # the outlines LoRA's pictures too
-            pictures.append(np.asarray(data.draw(spec)))
-        pixels = torch.from_numpy(np.stack(pictures)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        pixels = _pictures(np.random.default_rng(plan.seed * 1_000_003 + step), plan.batch)
         with torch.no_grad():
             latents = self.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(step))
             target = self.vae.decode(latents).sample
@@ -59,6 +78,42 @@ class TinyTask(torch.nn.Module):
         latents, target = self.pair(step, plan)
         out = self.tiny.decode(latents).sample
         return F.l1_loss(out, target) + F.mse_loss(out, target)
+
+
+class WarmTask(torch.nn.Module):
+    """shapes-v1's VAE with its decoder learning the warm grade; the encoder (the latent language) stays frozen."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        _, self.vae, _, _, _ = base_parts()
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+
+    def loss(self, step: int, plan: Plan) -> torch.Tensor:
+        """L1 + MSE between the decode of a picture's latents and the warm grade of the picture."""
+        pixels = _pictures(np.random.default_rng(plan.seed * 1_000_003 + step), plan.batch)
+        with torch.no_grad():
+            latents = self.vae.encode(pixels).latent_dist.sample(generator=torch.Generator().manual_seed(step))
+        out, target = self.vae.decode(latents).sample, warm(pixels)
+        return F.l1_loss(out, target) + F.mse_loss(out, target)
+
+
+def train_warm(*, runs: Path = RUNS, steps: int | None = None, models: Path = MODELS) -> Path:
+    """Train (or resume) the warm VAE; returns the file written under models/vae/ (original single-file layout)."""
+    from safetensors.torch import save_file
+
+    from sdkit.convert import vae_to_ldm
+    from sdkit.shapes.addons import _atomic_save
+
+    plan = Plan(**{**asdict(PLANS["warm"]), "steps": steps or PLANS["warm"].steps})
+    torch.manual_seed(plan.seed)
+    task = WarmTask()
+    fit(task, plan, name=WARM_NAME, runs=runs)
+    ldm = vae_to_ldm(task.vae.state_dict(), num_blocks=len(task.vae.config.block_out_channels))
+    tensors = {k.removeprefix("first_stage_model."): v.detach().contiguous() for k, v in ldm.items()}
+    metadata = {"modelspec.architecture": "sdkit-shapes-v1/vae", "modelspec.title": WARM_NAME,
+                "modelspec.description": "shapes-v1's VAE with a decoder fine-tuned to a warm colour grade"}
+    return _atomic_save(tensors, models / "vae" / f"{WARM_NAME}.safetensors", metadata, save_file)
 
 
 def train(*, runs: Path = RUNS, steps: int | None = None, models: Path = MODELS) -> Path:
@@ -160,17 +215,20 @@ make it the final decoder. Written in TAESD's own numbered layout (index 0 is th
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: train the tiny decoder."""
+    """Command line: train the tiny decoder and/or the warm VAE, and write their cards."""
     parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.decoders", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["tiny", "card", "all"])
+    parser.add_argument("part", choices=["tiny", "warm", "card", "all"])
     parser.add_argument("--runs", type=Path, default=RUNS, help="where logs and resumable states go")
     parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
-    parser.add_argument("--models", type=Path, default=MODELS, help="the models folder the file goes into")
+    parser.add_argument("--models", type=Path, default=MODELS, help="the models folder the files go into")
     args = parser.parse_args(argv)
     if args.part in ("tiny", "all"):
         print(train(runs=args.runs, steps=args.steps, models=args.models))
+    if args.part in ("warm", "all"):
+        print(train_warm(runs=args.runs, steps=args.steps, models=args.models))
     if args.part in ("card", "all"):
         print(model_card(runs=args.runs, models=args.models))
+        print(warm_card(runs=args.runs, models=args.models))
 
 
 if __name__ == "__main__":
