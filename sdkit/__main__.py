@@ -93,11 +93,14 @@ def _generate(args: argparse.Namespace) -> None:
     )
     settings.check()  # before a load that can take minutes
     check_sampler(settings)
+    from sdkit import upscale
+    from sdkit.generate import hires_model_path
+
     upscaler = None
     if args.upscaler:
-        from sdkit import upscale
-
         upscaler = upscale.load(args.upscaler, root=args.root)  # a wrong file is refused before the long load
+    if (hires_model := hires_model_path(settings)) is not None:
+        upscale.load(hires_model)  # the same for the hires pass's upscale model
     pipe = load(args.model, root=args.root)
     if args.vae:
         from sdkit import vae
@@ -111,16 +114,24 @@ def _generate(args: argparse.Namespace) -> None:
         path = save_image(image, settings=image.sdkit_settings, out_dir=Path(args.out), model_hash=pipe.sdkit.autov2)
         print(path)
         if upscaler is not None:
-            print(upscale.upscale_file(path, upscaler, progress=not args.quiet))
+            notes: list[str] = []
+            print(upscale.upscale_file(path, upscaler, progress=not args.quiet, notes=notes))
+            for note in notes:
+                print(f"note: {note}", file=sys.stderr)
 
 
 def _upscale(args: argparse.Namespace) -> None:
     from sdkit import upscale
 
+    if args.out and len(args.image) > 1:
+        raise SdkitError(f"--out names one file, but {len(args.image)} images were given.",
+                         fix="leave --out away: each goes next to its image as <image>-<model>.png")
     chosen = upscale.load(args.model, root=args.root)
     for image in args.image:
-        print(upscale.upscale_file(image, chosen, out=args.out if len(args.image) == 1 else None, tile=args.tile,
-                                   progress=not args.quiet))
+        notes: list[str] = []
+        print(upscale.upscale_file(image, chosen, out=args.out, tile=args.tile, progress=not args.quiet, notes=notes))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -231,6 +242,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; bad input prints one clear error and exits 2, with no traceback."""
     args = parser().parse_args(argv)
+    previous = os.environ.get("SDKIT_MODELS")
     if getattr(args, "root", None):  # every lookup of this run (LoRAs and embeddings in the prompt, hires models) too
         os.environ["SDKIT_MODELS"] = str(args.root)
     try:
@@ -241,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+    finally:
+        if previous is None:
+            os.environ.pop("SDKIT_MODELS", None)
+        else:
+            os.environ["SDKIT_MODELS"] = previous
     return 0
 
 

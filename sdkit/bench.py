@@ -7,9 +7,12 @@ meta device (shapes only, no arithmetic), not guessed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -266,6 +269,21 @@ def _flop_kind(op: str) -> str:
     return "matmul" if "mm" in op else "other"
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Hide what C++ code writes to the process's stderr for a moment: PyTorch's CUDA builds, run on a CPU, have
+    the profiler print status lines and "gpuGetDeviceCount failed" there, which a notebook would show as output."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def breakdown(case: Case, *, model: torch.nn.Module | None = None) -> dict:
     """Where one call of sdkit's path spends its time, by kind of operator: seconds, share, GFLOP and GFLOP/s.
 
@@ -282,7 +300,7 @@ def breakdown(case: Case, *, model: torch.nn.Module | None = None) -> dict:
         if model is None:
             model = prepare(build(case, dtype=choice.torch_dtype), part=_part(case), choice=choice)
             model(**args)  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             model(**args)
     spent = {kind: 0.0 for kind in gflop}
     for event in prof.key_averages():
@@ -506,11 +524,12 @@ import json, sys, time, torch
 from sdkit import bench, device
 from sdkit.checkpoints import from_shipped_config
 from sdkit.vae import _run
-size, tiled = int(sys.argv[1]), sys.argv[2] == "tiled"
+size, tiled, family = int(sys.argv[1]), sys.argv[2] == "tiled", sys.argv[3]
 dtype = device.choose(device.report())["vae"].torch_dtype
 torch.manual_seed(0)
-vae = from_shipped_config("sd1", "vae").to(dtype).eval()
-latents = torch.randn(1, 4, size // 8, size // 8, dtype=dtype)
+vae = from_shipped_config(family, "vae").to(dtype).eval()
+factor = 2 ** (len(vae.config.block_out_channels) - 1)
+latents = torch.randn(1, vae.config.latent_channels, size // factor, size // factor, dtype=dtype)
 bench._peak_reset()
 start = time.perf_counter()
 with torch.inference_mode():
@@ -520,21 +539,54 @@ print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "peak_rss_gi
 """
 
 
-def vae_memory(*, sizes: tuple[int, ...] = (1024, 2048)) -> dict:
-    """Peak RSS and seconds of one SD1.5 VAE decode (random weights, this machine's dtype), whole and tiled, each in
-    a new process so one's peak does not hide the next."""
+def vae_memory(*, sizes: tuple[int, ...] = (1024, 2048), family: str = "sd1") -> dict:
+    """Peak RSS and seconds of one VAE decode (the family's shipped VAE config, SD1.5 by default, random weights,
+    this machine's dtype), whole and tiled, each in a new process so one's peak does not hide the next."""
+    return {f"{size}_{how}": _in_new_process(_DECODE, size, how, family) for size in sizes for how in ("whole", "tiled")}
+
+
+def _in_new_process(script: str, *args: object) -> dict:
+    """Run a measuring script in a fresh Python (so its peak memory is its own); its last printed line, as JSON, or
+    the error it ended with."""
     import subprocess
     import sys
 
-    out: dict = {}
-    for size in sizes:
-        for how in ("whole", "tiled"):
-            done = subprocess.run([sys.executable, "-c", _DECODE, str(size), how], capture_output=True, text=True)
-            if done.returncode:
-                out[f"{size}_{how}"] = {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:200]}
-            else:
-                out[f"{size}_{how}"] = json.loads(done.stdout.strip().splitlines()[-1])
-    return out
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:200]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+_UPSCALE = """
+import json, sys, tempfile, time, torch
+from pathlib import Path
+from PIL import Image
+from safetensors.torch import save_file
+from spandrel.architectures.Compact import Compact
+from sdkit import bench, upscale
+size, how, tile, features, convs = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+torch.manual_seed(0)
+with tempfile.TemporaryDirectory() as folder:
+    path = Path(folder) / "random-compact.safetensors"
+    save_file(Compact(num_feat=features, num_conv=convs, upscale=4).state_dict(), str(path))
+    model = upscale.load(path)
+picture = Image.effect_noise((size, size), 64).convert("RGB")
+bench._peak_reset()
+start = time.perf_counter()
+big = upscale.upscale(model, picture, tile=tile, progress=False)
+print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "peak_rss_gib": round(bench.peak_rss_gib(), 2),
+                  "dtype": str(model.model.dtype).removeprefix("torch."), "out": list(big.size),
+                  "tiles": upscale.tile_count(size, size, tile=tile)}))
+"""
+# Real-ESRGAN's realesr-general-x4v3 (compact, 64 features x 32 convolutions), random weights: its real cost.
+UPSCALER_SHAPE = (64, 32)
+
+
+def upscale_memory(*, sizes: tuple[int, ...] = (1024,), shape: tuple[int, int] = UPSCALER_SHAPE, tile: int = 512) -> dict:
+    """Peak RSS and seconds of a 4x upscale (Real-ESRGAN compact at realesr-general-x4v3's size, random weights,
+    this machine's dtype), in 512 px tiles and in one piece, each in a new process."""
+    return {f"{size}_{how}": _in_new_process(_UPSCALE, size, how, tile if how == "tiled" else size, *shape)
+            for size in sizes for how in ("tiled", "whole")}
 
 
 def bench(*, quick: bool = False, progress: bool = True) -> dict:
@@ -569,6 +621,7 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
             result["load"] = {family: load_memory(family, folder=Path(folder))
                               for family in tqdm(("sd1", "sdxl"), desc="loads", disable=not progress)}
         result["vae_memory"] = vae_memory()
+        result["upscale_memory"] = upscale_memory()
     result["quality"] = quality()
     result["widgets"] = slider_latency()
     result["lora"] = lora_apply()
@@ -603,6 +656,11 @@ def format_table(result: dict) -> str:
         size, how = name.split("_")
         lines.append(f"VAE decode {size}² {how}: " + (f"did not run ({row['error']})" if "error" in row else
                      f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB ({row['dtype']})"))
+    for name, row in result.get("upscale_memory", {}).items():
+        size, how = name.split("_")
+        lines.append(f"4x upscale {size}² {how} (Real-ESRGAN compact 64x32): " + (
+            f"did not run ({row['error']})" if "error" in row else
+            f"{row['seconds']:.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB, {row['tiles']} tiles ({row['dtype']})"))
     if "widgets" in result:
         ui = result["widgets"]
         lines.append(f"widgets: slider move -> new {ui['model']} picture ({ui['steps']} steps, {ui['size']} px): "

@@ -71,13 +71,13 @@ class GenerationSettings:
         if not 1 <= self.hires_scale <= 4:
             raise SdkitError(f"hires_scale={self.hires_scale} is not usable: A1111's Hires upscale runs from 1 to 4.",
                              fix="use hires_scale=2 for a hires pass, or 1 for none")
+        if self.hires_steps < 0:
+            raise SdkitError(f"hires_steps={self.hires_steps} is not usable.", fix="use 0 (as many as steps) or more")
         for name, on, steps in (("img2img", bool(self.init_image), self.steps),
                                 ("hires", self.hires_scale > 1, self.hires_steps or self.steps)):
             if on and int(steps * self.strength) < 1:  # diffusers and A1111 redraw int(steps x strength) steps
                 raise SdkitError(f"the {name} pass would redraw int({steps} steps x strength {self.strength:g}) = 0 "
                                  f"steps.", fix=f"use strength {math.ceil(100 / steps) / 100:g} or more, or more steps")
-        if self.hires_steps < 0:
-            raise SdkitError(f"hires_steps={self.hires_steps} is not usable.", fix="use 0 (as many as steps) or more")
         if not self.hires_upscaler.strip() or "\n" in self.hires_upscaler:
             raise SdkitError(f"Hires upscaler {self.hires_upscaler!r} is not a name.",
                              fix=f"use one of {', '.join(HIRES_UPSCALERS)} or an upscale model's name")
@@ -204,7 +204,9 @@ def _img2img(pipe):
         expected, _ = cls._get_signature_keys(cls)
         parts = {k: v for k, v in pipe.components.items() if k in expected}
         extra = {} if hasattr(pipe, "text_encoder_2") else {"requires_safety_checker": False}
-        cached = cls(**parts, **extra)  # the same modules, untouched (from_pipe would cast them again)
+        with warnings.catch_warnings():  # its note on the scheduler's steps_offset: sdkit sets the scheduler per run
+            warnings.simplefilter("ignore", FutureWarning)
+            cached = cls(**parts, **extra)  # the same modules, untouched (from_pipe would cast them again)
         cached.set_progress_bar_config(disable=True)
         pipe.__dict__["_sdkit_img2img"] = cached
     cached.scheduler, cached.vae = pipe.scheduler, pipe.vae  # the run's scheduler, the VAE now applied
@@ -225,18 +227,27 @@ def _init_image(settings: GenerationSettings):
     return picture.resize((settings.width, settings.height), Image.Resampling.LANCZOS)
 
 
-def _hires_model(pipe, settings: GenerationSettings):
-    """The upscale model a hires pass names (None for the built-in upscalers), read once per file version."""
+def hires_model_path(settings: GenerationSettings):
+    """The file of the upscale model a hires pass names (None for the built-in upscalers or no hires pass); an error
+    naming the upscaler when there is no such file."""
     if settings.hires_scale <= 1 or settings.hires_upscaler in HIRES_UPSCALERS:
         return None
-    from sdkit import upscale
     from sdkit.paths import ModelPaths
 
     try:
-        path = ModelPaths.from_root(None).find("upscale_models", settings.hires_upscaler)
+        return ModelPaths.from_root(None).find("upscale_models", settings.hires_upscaler)
     except SdkitError as error:
         raise SdkitError(f"Hires upscaler {settings.hires_upscaler!r} is neither one sdkit runs without a file "
                          f"({', '.join(HIRES_UPSCALERS)}) nor an upscale model: {error.message}", fix=error.fix) from None
+
+
+def _hires_model(pipe, settings: GenerationSettings):
+    """The upscale model a hires pass names (None for the built-in upscalers), read once per file version."""
+    path = hires_model_path(settings)
+    if path is None:
+        return None
+    from sdkit import upscale
+
     cache = pipe.__dict__.setdefault("_sdkit_upscalers", {})
     key = (str(path), path.stat().st_mtime_ns)
     if key not in cache:
@@ -245,7 +256,7 @@ def _hires_model(pipe, settings: GenerationSettings):
     return cache[key]
 
 
-def _enlarge(pipe, latents, settings: GenerationSettings, model=None):
+def _enlarge(pipe, latents, settings: GenerationSettings, model=None, notes: list[str] | None = None):
     """The first pass enlarged to the hires size: its latents interpolated, or its decoded picture resized or
     enlarged by an upscale model (then resized to the hires size, as A1111 does)."""
     import torch.nn.functional as F
@@ -258,11 +269,11 @@ def _enlarge(pipe, latents, settings: GenerationSettings, model=None):
         return F.interpolate(latents, size=(height // factor, width // factor), mode=mode)
     from sdkit import vae as vaes
 
-    picture = vaes.decode(pipe, latents)[0]
+    picture = vaes.decode(pipe, latents, notes=notes)[0]
     if model is not None:
         from sdkit import upscale
 
-        picture = upscale.upscale(model, picture, progress=False)
+        picture = upscale.upscale(model, picture, progress=False, notes=notes)
         mode = "lanczos"
     if picture.size == (width, height):
         return picture
@@ -358,7 +369,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                     pipe.scheduler = make_scheduler(base_scheduler, settings, seed=image_seed)
                     if on_step is not None:
                         _capture_denoised(pipe.scheduler, seen)
-                    bigger = _enlarge(pipe, latents, settings, hires_model)
+                    bigger = _enlarge(pipe, latents, settings, hires_model, notes)
                     latents = _img2img(pipe)(image=bigger, strength=settings.strength,
                                              num_inference_steps=settings.hires_steps or settings.steps,
                                              **common).images

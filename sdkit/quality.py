@@ -23,6 +23,7 @@ def _pair(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> tuple[np.
     """Both pictures as float64 RGB arrays in 0..255, refusing different sizes."""
     x = np.asarray(a.convert("RGB") if isinstance(a, Image.Image) else a, dtype=np.float64)
     y = np.asarray(b.convert("RGB") if isinstance(b, Image.Image) else b, dtype=np.float64)
+    x, y = (np.repeat(v[..., None], 3, axis=2) if v.ndim == 2 else v for v in (x, y))  # grey arrays as RGB
     if x.shape != y.shape:
         raise SdkitError(f"cannot compare a {x.shape[1]}x{x.shape[0]} picture with a {y.shape[1]}x{y.shape[0]} one.",
                          fix="resize one of them first (e.g. PIL's Image.resize)")

@@ -78,8 +78,8 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Upscale
     from spandrel import MAIN_REGISTRY, ImageModelDescriptor, ModelLoader, UnsupportedModelError
 
     path = ModelPaths.from_root(root).find("upscale_models", name_or_path)
-    state = _state(path)
-    names = [k for k, v in state.items() if hasattr(v, "shape")]
+    state = {k: v for k, v in _state(path).items() if isinstance(v, torch.Tensor)}  # spandrel reads tensors only
+    names = list(state)
     if not names:
         raise SdkitError(f"{path.name} holds no tensors.", fix="download the file again")
     try:
@@ -91,7 +91,7 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Upscale
                          f"like {_looks_like(names)}; first tensor {names[0]!r}.",
                          fix="put ESRGAN/Real-ESRGAN/SwinIR/... .pth or .safetensors files in models/upscale_models, "
                              "and checkpoints, VAEs and LoRAs in their own folders") from None
-    except (KeyError, RuntimeError, ValueError, IndexError) as error:
+    except Exception as error:  # an architecture's shape reading fails on a damaged file  # noqa: BLE001
         raise SdkitError(f"{path.name} looks like an upscale model but spandrel could not build it: "
                          f"{type(error).__name__}: {str(error)[:200]}",
                          fix="the file is damaged or of an unsupported variant; download it again") from None
@@ -128,12 +128,11 @@ def _dtype(descriptor) -> torch.dtype:
 
 
 def starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Where tiles begin along one side so that they cover it and neighbours share `overlap` pixels."""
+    """Where tiles begin along one side: every `tile - overlap` pixels, as ComfyUI steps them, so neighbours share
+    `overlap` pixels; the last tile is cut short at the edge (not shifted back over its neighbour)."""
     if length <= tile:
         return [0]
-    step = tile - overlap
-    positions = list(range(0, length - tile, step)) + [length - tile]
-    return sorted(set(positions))
+    return list(range(0, length - overlap, tile - overlap))
 
 
 def _ramp(size: int, feather: int, *, left: bool, right: bool) -> np.ndarray:
@@ -170,9 +169,15 @@ def _tiled(chosen: Upscaler, pixels: torch.Tensor, *, tile: int, overlap: int, s
     return out / weight
 
 
+def shared_overlap(tile: int, overlap: int) -> int:
+    """The overlap actually used: at most a quarter of the tile, so small tiles still move forward."""
+    return min(overlap, tile // 4)
+
+
 def tile_count(width: int, height: int, *, tile: int = TILE, overlap: int = OVERLAP) -> int:
     """How many tiles a picture of this size is cut into."""
-    return len(starts(height, tile, overlap)) * len(starts(width, tile, overlap))
+    shared = shared_overlap(tile, overlap)
+    return len(starts(height, tile, shared)) * len(starts(width, tile, shared))
 
 
 def upscale(chosen: Upscaler, picture: Image.Image, *, tile: int = TILE, overlap: int = OVERLAP,
@@ -182,20 +187,29 @@ def upscale(chosen: Upscaler, picture: Image.Image, *, tile: int = TILE, overlap
 
     from tqdm.auto import tqdm
 
+    if tile < MIN_TILE or overlap < 0:
+        raise SdkitError(f"tile={tile}, overlap={overlap}: tiles must be at least {MIN_TILE} px and the overlap 0 or "
+                         f"more.", fix=f"use tile={TILE}, overlap={OVERLAP} (ComfyUI's defaults)")
     warnings.filterwarnings("ignore", message="torch.meshgrid")  # inside spandrel's transformer models
     mode = "L" if chosen.model.input_channels == 1 else "RGB"
     array = np.asarray(picture.convert(mode), dtype=np.float32) / 255
     pixels = torch.from_numpy(array.reshape(*array.shape[:2], -1)).permute(2, 0, 1)[None]
     while True:
+        shared = shared_overlap(tile, overlap)
         total = tile_count(picture.width, picture.height, tile=tile, overlap=overlap)
         bar = tqdm(total=total, desc=f"upscale {chosen.scale}x ({chosen.name})", unit="tile", disable=not progress,
                    leave=False)
         try:
-            out = _tiled(chosen, pixels, tile=tile, overlap=min(overlap, tile // 4), step=lambda: bar.update(1))
+            out = _tiled(chosen, pixels, tile=tile, overlap=shared, step=lambda: bar.update(1))
             break
+        except MemoryError:
+            size = f"{picture.width * chosen.scale}x{picture.height * chosen.scale}"
+            raise SdkitError(f"a {size} picture does not fit in this machine's memory.",
+                             fix="upscale a smaller picture, or crop it into parts") from None
         except RuntimeError as error:
             text = str(error).lower()
-            if "dtype" in text and chosen.model.dtype != torch.float32:  # an architecture with fp32-only parts
+            reduced = chosen.model.dtype != torch.float32
+            if reduced and any(w in text for w in ("dtype", "bfloat16", "half")):  # an architecture with fp32-only parts
                 chosen.model.to(torch.float32)
                 _note(notes, f"upscale: {chosen.architecture} does not run in reduced precision here; fp32 instead")
             elif "memory" in text and tile // 2 >= MIN_TILE:  # the allocator's "can't allocate memory"
@@ -216,10 +230,16 @@ def _note(notes: list[str] | None, text: str) -> None:
 
 
 def output_path(image: Path, chosen: Upscaler, *, out: Path | None = None) -> Path:
-    """Where `upscale_file` writes: `out`, or `<image>-<model>.png` next to it, with -1, -2 ... rather than overwrite."""
-    target = out or image.with_name(f"{image.stem}-{chosen.name}.png")
-    if target.suffix.lower() != ".png":
-        target = target.with_suffix(".png")
+    """Where `upscale_file` writes: `out` (an error if it exists), or `<image>-<model>.png` next to the image, with
+    -1, -2 ... rather than overwrite."""
+    if out is not None:
+        if out.suffix.lower() != ".png":
+            raise SdkitError(f"{out}: sdkit saves PNG files only.", fix=f"use {out.with_suffix('.png').name}")
+        if out.exists():
+            raise SdkitError(f"{out} already exists; sdkit never overwrites an image.",
+                             fix="choose another name or delete it yourself")
+        return out
+    target = image.with_name(f"{image.stem}-{chosen.name}.png")
     candidate, n = target, 1
     while candidate.exists():
         candidate = target.with_name(f"{target.stem}-{n}{target.suffix}")
@@ -228,7 +248,7 @@ def output_path(image: Path, chosen: Upscaler, *, out: Path | None = None) -> Pa
 
 
 def upscale_file(image: str | Path, chosen: Upscaler, *, out: str | Path | None = None, tile: int = TILE,
-                 overlap: int = OVERLAP, progress: bool = True) -> Path:
+                 overlap: int = OVERLAP, progress: bool = True, notes: list[str] | None = None) -> Path:
     """Upscale an image file into a new PNG (never over an existing file), its A1111 text kept."""
     from sdkit.metadata import save_png
 
@@ -238,9 +258,9 @@ def upscale_file(image: str | Path, chosen: Upscaler, *, out: str | Path | None 
     try:
         picture = Image.open(source)
         picture.load()
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise SdkitError(f"{source} is not an image Pillow can read ({error}).", fix="give a PNG or JPEG") from None
-    big = upscale(chosen, picture, tile=tile, overlap=overlap, progress=progress)
+    big = upscale(chosen, picture, tile=tile, overlap=overlap, progress=progress, notes=notes)
     # As A1111's Extras tab saves: the generation text unchanged, what was done after it in "postprocessing".
     texts = {"parameters": picture.info["parameters"]} if isinstance(picture.info.get("parameters"), str) else {}
     texts["postprocessing"] = f"Postprocess upscale by: {chosen.scale}, Postprocess upscaler: {chosen.name}"

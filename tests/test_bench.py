@@ -132,3 +132,16 @@ def test_vae_memory_decodes_whole_and_tiled_in_new_processes():
         {"machine": {"cpu": "x", "cores": 2, "threads": 2, "isa": [], "torch": "t"},
          "gemm_peak_gflops": {"float32": 1, "bfloat16": 1}, "end_to_end": {}, "vae_memory": result,
          "quality": {"model": "m", "latent_relative_error": 0.0, "psnr_db": 99.0}})
+
+
+def test_upscale_memory_runs_tiled_and_whole_in_new_processes():
+    result = bench.upscale_memory(sizes=(160,), shape=(8, 2), tile=64)
+    assert set(result) == {"160_tiled", "160_whole"}
+    for row in result.values():
+        assert row["out"] == [640, 640] and row["seconds"] > 0 and 0 < row["peak_rss_gib"] < 8
+    assert (result["160_tiled"]["tiles"], result["160_whole"]["tiles"]) == (9, 1)
+    text = bench.format_table({"machine": {"cpu": "x", "cores": 2, "threads": 2, "isa": [], "torch": "t"},
+                               "gemm_peak_gflops": {"float32": 1, "bfloat16": 1}, "end_to_end": {},
+                               "upscale_memory": result, "quality": {"model": "m", "latent_relative_error": 0.0,
+                                                                     "psnr_db": 99.0}})
+    assert "4x upscale 160² tiled" in text

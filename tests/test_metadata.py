@@ -172,8 +172,11 @@ def test_parse_a1111_1_10_text_with_schedule_type_and_extras():
     assert parsed.model == "dreamshaper_8"
     assert (parsed.strength, parsed.hires_scale, parsed.hires_steps) == (0.5, 2, 10)
     assert parsed.hires_upscaler == "R-ESRGAN 4x+ Anime6B"
+    from sdkit.generate import hires_model_path
+
+    parsed.check()  # a well-formed setting; the upscale model is looked up when a run needs it
     with pytest.raises(SdkitError, match="R-ESRGAN 4x\\+ Anime6B"):  # refused by name, never run as another upscaler
-        parsed.check()
+        hires_model_path(parsed)
     assert parsed.extra == {"Model hash": "879db523c3", "Lora hashes": "add_detail: 7c6bad76eb54", "Version": "v1.10.1"}
 
 

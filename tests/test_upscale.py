@@ -35,18 +35,26 @@ def test_every_layout_loads_through_spandrel_and_enlarges(tmp_path, kind, suffix
 def test_tiles_blend_into_the_same_picture_as_one_piece(tmp_path):
     model = upscale.load(write_upscaler("compact", tmp_path / "c.safetensors"))
     model.model.to(torch.float32)  # compare the blending, not bf16 rounding
-    source = picture(64, 48)
+    source = picture(160, 120)
     whole = np.asarray(upscale.upscale(model, source, tile=512, progress=False)).astype(int)
-    tiled = np.asarray(upscale.upscale(model, source, tile=24, overlap=8, progress=False)).astype(int)
-    assert upscale.tile_count(64, 48, tile=24, overlap=8) == 12
+    tiled = np.asarray(upscale.upscale(model, source, tile=64, overlap=16, progress=False)).astype(int)
+    assert upscale.tile_count(160, 120, tile=64, overlap=16) == 9
     assert np.abs(whole - tiled).mean() < 0.5 and np.abs(whole - tiled).max() <= 8
 
 
+@pytest.mark.parametrize("tile, overlap", [(0, 32), (32, 8), (512, -1)])
+def test_unusable_tiles_are_refused(tmp_path, tile, overlap):
+    model = upscale.load(write_upscaler("compact", tmp_path / "c.safetensors"))
+    with pytest.raises(SdkitError, match=f"tile={tile}, overlap={overlap}"):
+        upscale.upscale(model, picture(), tile=tile, overlap=overlap, progress=False)
+
+
 def test_tile_starts_cover_the_side_with_the_overlap():
-    for length in (1, 100, 512, 513, 1000, 2048):
+    for length in (1, 100, 512, 513, 1000, 1024, 2048):
         starts = upscale.starts(length, 512, 32)
-        assert starts[0] == 0 and starts[-1] + min(512, length) == length
-        assert all(b - a <= 512 - 32 for a, b in zip(starts, starts[1:]))
+        assert starts[0] == 0 and starts[-1] + 512 >= length > starts[-1] + 32 * (len(starts) > 1)
+        assert all(b - a == 512 - 32 for a, b in zip(starts, starts[1:])), "neighbours share exactly 32 px"
+    assert upscale.starts(1024, 512, 32) == [0, 480, 960], "ComfyUI's steps: the last tile is 64 px, not a third 512"
 
 
 def test_a_file_that_is_not_an_upscaler_is_refused_with_spandrels_reason(tmp_path, tiny_files):
@@ -88,6 +96,8 @@ def test_upscale_file_writes_a_new_png_with_the_text_and_never_overwrites(tmp_pa
     first = upscale.upscale_file(source, model, progress=False)
     second = upscale.upscale_file(source, model, progress=False)
     assert first.name == "cat-x4.png" and second.name == "cat-x4-1.png"
+    with pytest.raises(SdkitError, match="already exists"):
+        upscale.upscale_file(source, model, out=first, progress=False)
     assert source.read_bytes() == before
     info = Image.open(first).info
     assert info["parameters"] == Image.open(source).info["parameters"]

@@ -84,6 +84,27 @@ COURSE: dict[str, Lesson] = {
         try_this=("Put *moon* in the panel's negative prompt and ask for `a circle`: how often is it yellow now?",
                   "Try `a red square, (moon:0.8)` and `a red square, (moon:1.4)` in the panel: who wins, seed after seed?",
                   "Paste a long civitai prompt into `prompts.parse` and look at its weights.")),
+    "06_vae": Lesson(
+        title="VAE: colour and final detail",
+        learn=("what the VAE does: the painter paints latents, the VAE turns them into the picture",
+               "the same latents through two VAEs and a tiny decoder: colour error and decode time, measured",
+               "why a VAE for another model is refused, and how big pictures decode in tiles to bound memory"),
+        seconds=45,
+        try_this=("In the panel, switch the VAE between the checkpoint's own and shapes-v1-warm with the same seed: "
+                  "what changes, and what never does?",
+                  "Pick the tiny decoder in the panel: can you see the difference at 64 px? At 512 px?",
+                  "Run `python -m sdkit info shapes-v1-warm --kind vae` in a terminal.")),
+    "07_upscaling": Lesson(
+        title="Upscaling: bigger pictures with more detail",
+        learn=("what an upscale model does that bicubic resizing cannot, measured with PSNR and SSIM",
+               "how big pictures are upscaled in overlapping tiles with bounded memory",
+               "A1111's hires fix: paint small, enlarge, redraw at a denoising strength"),
+        seconds=25,
+        try_this=("In the panel, set the hires upscaler to Latent, then to 4x_shapes_compact, at strength 0.3: "
+                  "which keeps the edges sharp?",
+                  "Run `python -m sdkit upscale outputs/<a picture>.png --model 4x_shapes_compact` in a terminal and "
+                  "open the new file next to it.",
+                  "Drop a Real-ESRGAN `.pth` from OpenModelDB into models/upscale_models: it appears in the panel's list.")),
     "09_speed_on_a_cpu": Lesson(
         title="Speed on a CPU",
         learn=("what FLOPs and a CPU's peak are, measured on this machine",

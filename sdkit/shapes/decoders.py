@@ -214,6 +214,102 @@ make it the final decoder. Written in TAESD's own numbered layout (index 0 is th
     return out
 
 
+COMPARE_SEED = 70_000  # the comparison's pictures: a seed range no training batch uses
+
+
+def reference_pictures(count: int = 16) -> list:
+    """`count` drawn shapes-world pictures (a third outlined): the truth every decoder is measured against."""
+    from PIL import Image
+
+    pixels = _pictures(np.random.default_rng(COMPARE_SEED), count)
+    arrays = ((pixels + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+def compare(pipe, decoders: dict, *, count: int = 16, size: int = 512, repeats: int = 3) -> dict:
+    """The same latents (drawn pictures encoded by the checkpoint's VAE) through each decoder (name -> a loaded
+    `vae.Vae`, or None for the checkpoint's own): mean colour error against the drawn pictures, the mean shift of
+    each channel, how often the detector reads the same colour, shape and background as in the drawing, and the
+    seconds of one size² decode (median of `repeats`). Nothing is applied to the pipeline."""
+    import time
+
+    from sdkit import quality
+    from sdkit import vae as vaes
+    from sdkit.shapes.detect import detect
+
+    references = reference_pictures(count)
+    latents = vaes.encode(pipe, references)
+    big = torch.randn(1, 4, size // 4, size // 4, generator=torch.Generator().manual_seed(0))
+    rows = {}
+    for name, chosen in decoders.items():
+        pictures = vaes.decode_with(pipe, chosen, latents)
+        shift = np.mean([np.asarray(p, dtype=float).mean((0, 1)) - np.asarray(r, dtype=float).mean((0, 1))
+                         for p, r in zip(pictures, references)], axis=0)
+        same = sum((a.colour, a.shape, a.background) == (b.colour, b.shape, b.background)
+                   for a, b in ((detect(p), detect(r)) for p, r in zip(pictures, references)))
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            vaes.decode_with(pipe, chosen, big)
+            runs.append(time.perf_counter() - start)
+        rows[name] = {"pictures": pictures, "colour_error": float(np.mean([quality.colour_error(p, r)
+                                                                           for p, r in zip(pictures, references)])),
+                      "shift_rgb": [float(x) for x in shift], "detector_same": same / count,
+                      "seconds": float(np.median(runs))}
+    return {"references": references, "size": size, "rows": rows}
+
+
+def warm_card(*, runs: Path = RUNS, models: Path = MODELS) -> Path:
+    """Measure the warm VAE against shapes-v1's own and write its model card next to it."""
+    from sdkit import device, formats
+    from sdkit import vae as vaes
+    from sdkit.checkpoints import load
+    from sdkit.shapes.addons import _training
+    from sdkit.shapes.train import BUNDLE
+
+    path = models / "vae" / f"{WARM_NAME}.safetensors"
+    pipe = load(BUNDLE)
+    chosen = vaes.load(path)
+    score = vaes.check(pipe, chosen)
+    result = compare(pipe, {"shapes-v1's own VAE": None, WARM_NAME: chosen})
+    t = _training(WARM_NAME, runs)
+    rows = "\n".join(f"| {name} | {r['colour_error']:.1f} | {r['shift_rgb'][0]:+.1f} / {r['shift_rgb'][1]:+.1f} / "
+                     f"{r['shift_rgb'][2]:+.1f} | {r['detector_same']:.0%} | {r['seconds']:.3f} s |"
+                     for name, r in result["rows"].items())
+    card = f"""# {WARM_NAME}
+
+An alternative VAE for shapes-v1: the same encoder (so the same latents), its decoder fine-tuned to paint them with a
+**warm colour grade**: white becomes cream, black a dark brown, blue a little duller. Made for notebook 06, to show
+that the VAE decides the final colours. Real alternative VAEs do the same kind of thing: a checkpoint with a washed-out
+VAE looks grey, and a VAE like vae-ft-mse-840000 changes the fine detail.
+
+- file: `{path.name}`, {path.stat().st_size / 1024:.0f} KiB, sha256 `{formats.sha256(path)}`; the single-file layout VAE
+  downloads use (`encoder.down.0.block.0...`, no prefix), with `modelspec.architecture = sdkit-shapes-v1/vae` in its
+  metadata (the shapes world's VAEs use 4 normalisation groups, which no tensor shape shows)
+- the grade it learned, per channel on 0..255: out = gain x in + lift, gain {WARM_GAIN}, lift {WARM_LIFT}
+- trained by `python -m sdkit.shapes.decoders warm` (seeded, resumable): {t['steps']} steps x batch {t['batch']}
+  of shapes-world pictures (a third outlined), encoded by shapes-v1's frozen encoder; target: the warm grade of the
+  picture; L1 + MSE on the decoder and post-quant convolution only ({t['parameters']:,} parameters), lr {t['lr']},
+  final loss {t['loss']}, {t['minutes']:.1f} minutes on {device.report().cpu}, {torch.get_num_threads()} threads
+
+## Measured
+
+`python -m sdkit.shapes.decoders card`: {len(result['references'])} drawn pictures, encoded by shapes-v1's VAE,
+decoded by each VAE; colour error is the mean |difference| per channel against the drawing (0..255), shift the mean
+change of red / green / blue, "detector" how often it reads the drawing's colour, shape and background:
+
+| VAE | colour error | shift R / G / B | detector | {result['size']}² decode |
+|---|---|---|---|---|
+{rows}
+
+`vae.check` accepts it for shapes-v1: its patch colours on the check's test picture keep the colours apart as
+shapes-v1's own VAE does (correlation above 0.9), {score:.1f} dB PSNR from them (the grade).
+"""
+    out = path.with_suffix(".md")
+    out.write_text(card)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the tiny decoder and/or the warm VAE, and write their cards."""
     parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.decoders", description=__doc__.splitlines()[0])
