@@ -1,4 +1,4 @@
-"""CLI: python -m sdkit {device,models,info,generate,upscale,evaluate,bench,params}."""
+"""CLI: python -m sdkit {device,models,info,generate,upscale,pose,evaluate,bench,params}."""
 
 from __future__ import annotations
 
@@ -134,6 +134,18 @@ def _upscale(args: argparse.Namespace) -> None:
             print(f"note: {note}", file=sys.stderr)
 
 
+def _pose(args: argparse.Namespace) -> None:
+    from sdkit import pose
+    from sdkit.metadata import save_png
+
+    if args.out.suffix.lower() != ".png":
+        raise SdkitError(f"{args.out}: the skeleton is written as a PNG.", fix=f"use {args.out.with_suffix('.png').name}")
+    bodies = pose.load_json(args.from_json) if args.from_json else [pose.preset(args.preset)]
+    print(save_png(pose.draw(bodies, width=args.width, height=args.height), path=args.out, texts={}))
+    if args.json:
+        print(pose.save_json(bodies, args.json, width=args.width, height=args.height))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from sdkit.checkpoints import load
     from sdkit.shapes.evaluate import evaluate, format_report
@@ -218,6 +230,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--tile", type=int, default=512, help="tile size in input pixels (smaller: less memory)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_upscale)
+
+    s = sub.add_parser("pose", help="write an OpenPose skeleton picture (for OpenPose ControlNets) from a preset or JSON")
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="standing, arms_up, sitting, kneeling or kneeling_angle")
+    source.add_argument("--from-json", type=Path, metavar="FILE", help="OpenPose JSON (pose_keypoints_2d)")
+    s.add_argument("--out", type=Path, required=True, help="the PNG to write (never over an existing file)")
+    s.add_argument("--width", type=int, default=512)
+    s.add_argument("--height", type=int, default=512)
+    s.add_argument("--json", type=Path, metavar="FILE", help="also write the keypoints as OpenPose JSON")
+    s.set_defaults(run=_pose)
 
     s = sub.add_parser("evaluate", help="measure how well a model follows prompts (the shapes world)")
     s.add_argument("world", choices=["shapes"], help="which world's prompts and detector to use")

@@ -134,3 +134,17 @@ def test_bad_upscale_input_is_one_clear_error(root, capsys, argv, message, monke
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
     assert sorted(p.name for p in root.rglob("*")) == before
+
+
+def test_pose_writes_a_skeleton_and_its_json_and_never_overwrites(tmp_path, capsys):
+    out, keypoints = tmp_path / "kneel.png", tmp_path / "kneel.json"
+    assert main(["pose", "--preset", "kneeling", "--out", str(out), "--json", str(keypoints)]) == 0
+    assert Image.open(out).size == (512, 512) and np.asarray(Image.open(out)).max() == 255
+    assert main(["pose", "--from-json", str(keypoints), "--out", str(tmp_path / "again.png")]) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "again.png")))
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["pose", "--preset", "standing", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
+    assert main(["pose", "--preset", "dancing", "--out", str(tmp_path / "x.png")]) == 2
+    assert "no pose preset 'dancing'" in capsys.readouterr().err

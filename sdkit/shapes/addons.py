@@ -14,7 +14,6 @@ Both are seeded and resumable and log to runs/shapes/<name>.log, like the base m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import asdict
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sdkit.shapes import data
-from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Plan, fit
+from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Plan, command_line, fit
 
 MODELS = BUNDLE.parents[1]
 LORA_NAME, EMBEDDING_NAME = "outlines", "moon"
@@ -219,12 +218,7 @@ def _atomic_save(tensors: dict, out: Path, metadata: dict | None, save_file) -> 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: which add-on(s) to train."""
-    parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.addons", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["lora", "embedding", "all", "cards"])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="where logs and resumable states go")
-    parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
-    parser.add_argument("--models", type=Path, default=MODELS, help="the models folder the files go into")
-    args = parser.parse_args(argv)
+    args = command_line("sdkit.shapes.addons", ["lora", "embedding", "all", "cards"], argv, models=MODELS)
     for part in {"all": ["lora", "embedding"], "cards": []}.get(args.part, [args.part]):
         print(train(part, runs=args.runs, steps=args.steps, models=args.models))
     if args.part in ("all", "cards"):

@@ -13,7 +13,6 @@ cream, black a dark brown), as real alternative VAEs change saturation, contrast
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 
 from sdkit.shapes import data
 from sdkit.shapes.addons import MODELS, base_parts
-from sdkit.shapes.train import RUNS, Plan, fit
+from sdkit.shapes.train import RUNS, Plan, command_line, fit
 
 TINY_NAME, WARM_NAME = "taesd_shapes_decoder", "shapes-v1-warm"
 TINY_WIDTH, TINY_BLOCKS = 16, (2, 2, 1)  # 3 groups = 2 upsamplings: shapes-v1's VAE is 4x, not SD's 8x
@@ -312,12 +311,7 @@ shapes-v1's own VAE does (correlation above 0.9), {score:.1f} dB PSNR from them 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the tiny decoder and/or the warm VAE, and write their cards."""
-    parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.decoders", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["tiny", "warm", "card", "all"])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="where logs and resumable states go")
-    parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
-    parser.add_argument("--models", type=Path, default=MODELS, help="the models folder the files go into")
-    args = parser.parse_args(argv)
+    args = command_line("sdkit.shapes.decoders", ["tiny", "warm", "card", "all"], argv, models=MODELS)
     if args.part in ("tiny", "all"):
         print(train(runs=args.runs, steps=args.steps, models=args.models))
     if args.part in ("warm", "all"):

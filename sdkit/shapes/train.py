@@ -344,13 +344,23 @@ Written in the original single-file layout (`model.diffusion_model.*`, `first_st
     return path
 
 
+def command_line(module: str, parts: list[str], argv: list[str] | None, *, models: Path | None = None) -> argparse.Namespace:
+    """The arguments every shapes-world training script takes: which part, --runs, --steps (and --models)."""
+    import importlib
+
+    doc = importlib.import_module(module).__doc__ or ""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    parser.add_argument("part", choices=parts)
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where logs and resumable states go")
+    parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
+    if models is not None:
+        parser.add_argument("--models", type=Path, default=models, help="the models folder the files go into")
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: which part(s) to train, then bundle."""
-    parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.train", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["vae", "text", "unet", "all", "bundle", "card"])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="where logs, states and trained parts go")
-    parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
-    args = parser.parse_args(argv)
+    args = command_line("sdkit.shapes.train", ["vae", "text", "unet", "all", "bundle", "card"], argv)
     parts = ["vae", "text", "unet"] if args.part == "all" else [] if args.part in ("bundle", "card") else [args.part]
     for part in parts:
         train(part, runs=args.runs, steps=args.steps)

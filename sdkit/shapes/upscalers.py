@@ -12,7 +12,6 @@ shapes-world training script (sdkit.shapes.train.fit).
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from PIL import Image
 
 from sdkit.shapes import data
 from sdkit.shapes.addons import MODELS, _atomic_save, _training
-from sdkit.shapes.train import RUNS, Plan, fit
+from sdkit.shapes.train import RUNS, Plan, command_line, fit
 
 NAME = "4x_shapes_compact"
 SCALE, FEATURES, CONVS = 4, 32, 8  # realesr-general-x4v3 is 64 features x 32 convs; the shapes world needs less
@@ -159,12 +158,7 @@ texture flat.
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the upscaler and/or write its card."""
-    parser = argparse.ArgumentParser(prog="python -m sdkit.shapes.upscalers", description=__doc__.splitlines()[0])
-    parser.add_argument("part", choices=["train", "card", "all"])
-    parser.add_argument("--runs", type=Path, default=RUNS, help="where logs and resumable states go")
-    parser.add_argument("--steps", type=int, help="override the plan's step count (for quick trials)")
-    parser.add_argument("--models", type=Path, default=MODELS, help="the models folder the file goes into")
-    args = parser.parse_args(argv)
+    args = command_line("sdkit.shapes.upscalers", ["train", "card", "all"], argv, models=MODELS)
     if args.part in ("train", "all"):
         print(train(runs=args.runs, steps=args.steps, models=args.models))
     if args.part in ("card", "all"):
