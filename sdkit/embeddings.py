@@ -71,16 +71,7 @@ def _vectors(data: dict, *, path: Path) -> dict[str, torch.Tensor]:
 def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Embedding:
     """Read an embedding (by name in the embeddings folder, or a path); its file name is its word."""
     path = ModelPaths.from_root(root).find("embeddings", name_or_path)
-    if formats.file_format(path) == "safetensors":
-        from safetensors.torch import load_file
-
-        formats.read_specs(path)  # friendly errors for damaged files
-        data = load_file(str(path))
-    else:
-        data = formats.read_pickle(path)
-        if not isinstance(data, dict):
-            raise SdkitError(f"{path.name} holds a {type(data).__name__}, not an embedding.",
-                             fix="use an A1111 textual-inversion .pt or .safetensors file")
+    data, _ = formats.read_tensors(path, nested=True)  # A1111 .pt files nest their vectors in string_to_param
     return Embedding(name=path.stem, path=path, vectors=_vectors(data, path=path))
 
 

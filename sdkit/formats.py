@@ -173,6 +173,24 @@ def read_pickle(path: Path):
     return data
 
 
+def read_tensors(path: Path, *, nested: bool = False) -> tuple[dict, dict[str, str]]:
+    """A weight file's contents and metadata: safetensors after the header checks, pickles through
+    torch.load(weights_only=True) only. `nested`: a pickle's dict as it is (sub-dicts such as `params_ema` or
+    `string_to_param` kept); otherwise its plain name -> tensor dict."""
+    if file_format(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        _, metadata = read_safetensors_header(path)  # the friendly errors for damaged files come from here
+        return load_file(str(path)), metadata
+    if not nested:
+        return load_pickle(path), {}
+    data = read_pickle(path)
+    if not isinstance(data, dict):
+        raise SdkitError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors.",
+                         fix="use the .safetensors (or state-dict .pt/.pth) file the model's page offers")
+    return data, {}
+
+
 def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
     """Tensor specs and metadata of any weight file; safetensors without reading tensor data."""
     if not path.is_file():

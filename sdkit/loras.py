@@ -173,13 +173,7 @@ def _family(layers: dict[str, Layer], metadata: dict[str, str]) -> tuple[str | N
 def load(name_or_path: str | Path, *, root: str | Path | None = None) -> Lora:
     """Read a LoRA (by name in the loras folder, or a path); nothing is applied yet."""
     path = ModelPaths.from_root(root).find("loras", name_or_path)
-    if formats.file_format(path) == "safetensors":
-        from safetensors.torch import load_file
-
-        _, metadata = formats.read_specs(path)  # the friendly errors for damaged files come from here
-        state = load_file(str(path))
-    else:
-        state, metadata = formats.load_pickle(path), {}
+    state, metadata = formats.read_tensors(path)
     layers, strange = _layers(state, path=path)
     family, clue = _family(layers, metadata)
     lora = Lora(name=path.stem, path=path, layers=layers, metadata=metadata, family=family, family_clue=clue)

@@ -45,16 +45,7 @@ def _state(path: Path) -> dict:
     """The file's tensors, unwrapped as spandrel expects (`params_ema`, `module.` prefixes)."""
     from spandrel import canonicalize_state_dict
 
-    if formats.file_format(path) == "safetensors":
-        from safetensors.torch import load_file
-
-        formats.read_specs(path)  # the friendly errors for damaged files come from here
-        state = load_file(str(path))
-    else:
-        state = formats.read_pickle(path)  # weights_only: a file that would run code is refused here
-        if not isinstance(state, dict):
-            raise SdkitError(f"{path.name} holds a {type(state).__name__}, not a dict of tensors.",
-                             fix="use the .pth/.safetensors file the model's page offers")
+    state, _ = formats.read_tensors(path, nested=True)  # weights_only: a file that would run code is refused here
     return canonicalize_state_dict(state)
 
 

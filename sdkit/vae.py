@@ -52,14 +52,7 @@ class Vae:
 
 def _tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Every tensor of the file, `first_stage_model.`/`vae.` prefixes dropped, and its metadata."""
-    metadata: dict[str, str] = {}
-    if formats.file_format(path) == "safetensors":
-        from safetensors.torch import load_file
-
-        _, metadata = formats.read_specs(path)  # the friendly errors for damaged files come from here
-        state = load_file(str(path))
-    else:
-        state = formats.load_pickle(path)
+    state, metadata = formats.read_tensors(path)
     for prefix in ("first_stage_model.", "vae."):
         if any(k.startswith(prefix) for k in state):
             state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
