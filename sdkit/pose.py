@@ -177,3 +177,72 @@ def load_json(path: str | Path) -> list[Pose]:
         raise SdkitError(f"{path} is not OpenPose JSON with body keypoints ({error}).",
                          fix='expected {"people": [{"pose_keypoints_2d": [x, y, c, ...]}], "canvas_width": W, ...}') from None
     return poses
+
+
+# --- the editor ---------------------------------------------------------------------------------------------------
+
+
+class Editor:
+    """An ipywidgets pose editor: a preset, then a joint and its x/y sliders; the skeleton redraws as they move.
+
+        editor = pose.Editor(start="kneeling")     # display editor.widget; editor.pose and editor.picture() follow it
+    """
+
+    def __init__(self, *, start: str = "kneeling", width: int = 512, height: int = 512, px: int = 256) -> None:
+        import ipywidgets as w
+
+        from sdkit.widgets import png
+
+        self.width, self.height, self._png, self._px = width, height, png, px
+        self.pose = preset(start)
+        self.preset = w.Dropdown(options=PRESETS, value=start, description="preset")
+        self.joint = w.Dropdown(options=KEYPOINTS, value="right_wrist", description="joint")
+        self.x = w.FloatSlider(min=0, max=1, step=0.01, description="x", continuous_update=True)
+        self.y = w.FloatSlider(min=0, max=1, step=0.01, description="y", continuous_update=True)
+        self.hidden = w.Checkbox(description="hidden")
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px"))
+        for name, control in (("preset", self.preset), ("joint", self.joint), ("x", self.x), ("y", self.y),
+                              ("hidden", self.hidden)):
+            control.add_class(f"sdkit-pose-{name}")
+        self._quiet = False
+        self.preset.observe(lambda _c: self._use_preset(), names="value")
+        self.joint.observe(lambda _c: self._show_joint(), names="value")
+        for control in (self.x, self.y, self.hidden):
+            control.observe(lambda _c: self._move(), names="value")
+        self._show_joint()
+        self._redraw()
+        self.widget = w.HBox([self.image, w.VBox([self.preset, self.joint, self.x, self.y, self.hidden])])
+
+    def picture(self) -> Image.Image:
+        """The skeleton as it stands, at the editor's size."""
+        return draw(self.pose, width=self.width, height=self.height)
+
+    def _use_preset(self) -> None:
+        self.pose = preset(self.preset.value)
+        self._show_joint()
+        self._redraw()
+
+    def _show_joint(self) -> None:
+        """The chosen joint's place into the sliders (without moving anything)."""
+        point = self.pose.joint(self.joint.value)
+        self._quiet = True
+        try:
+            self.hidden.value = point is None
+            if point is not None:
+                self.x.value, self.y.value = point
+        finally:
+            self._quiet = False
+
+    def _move(self) -> None:
+        if self._quiet:
+            return
+        if self.hidden.value:
+            points = list(self.pose.points)
+            points[KEYPOINTS.index(self.joint.value)] = None
+            self.pose = Pose(tuple(points))
+        else:
+            self.pose = self.pose.moved(self.joint.value, self.x.value, self.y.value)
+        self._redraw()
+
+    def _redraw(self) -> None:
+        self.image.value = self._png(draw(self.pose, width=self._px, height=round(self._px * self.height / self.width)))

@@ -82,3 +82,17 @@ def test_unknown_presets_and_joints_are_refused():
         pose.preset("dancing")
     with pytest.raises(SdkitError, match="'tail' is not an OpenPose joint"):
         pose.preset("standing").moved("tail", 0.5, 0.5)
+
+
+def test_the_editor_moves_hides_and_resets_joints_and_redraws():
+    editor = pose.Editor(start="kneeling", width=128, height=128, px=128)
+    first = editor.image.value
+    editor.joint.value = "left_wrist"
+    assert (editor.x.value, editor.y.value) == pose.preset("kneeling").joint("left_wrist")
+    editor.x.value, editor.y.value = 0.9, 0.1
+    assert editor.pose.joint("left_wrist") == (0.9, 0.1) and editor.image.value != first
+    assert pixel(editor.picture(), (0.9, 0.1), width=128, height=128) == pose.COLOURS[7]
+    editor.hidden.value = True
+    assert editor.pose.joint("left_wrist") is None
+    editor.preset.value = "standing"
+    assert editor.pose == pose.preset("standing") and editor.hidden.value is False
