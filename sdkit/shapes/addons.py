@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from sdkit.shapes import data
-from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Plan, command_line, fit
+from sdkit.shapes.train import BUNDLE, OFFSET_NOISE, RUNS, Plan, command_line, fit, frozen_context
 
 MODELS = BUNDLE.parents[1]
 LORA_NAME, EMBEDDING_NAME = "outlines", "moon"
@@ -104,12 +104,7 @@ class LoraTask(torch.nn.Module):
 
     def context(self, captions: list[str]) -> torch.Tensor:
         """Frozen text-encoder outputs, cached per caption."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._context]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                self._context.update(zip(missing, self.text(ids.input_ids).last_hidden_state))
-        return torch.stack([self._context[c] for c in captions])
+        return frozen_context(self._context, self.tokenizer, self.text, captions)
 
     def loss(self, step: int, plan: Plan) -> torch.Tensor:
         """Outlined shapes with the base world's captions (10% dropped to "" for CFG)."""

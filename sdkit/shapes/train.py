@@ -152,13 +152,18 @@ class UnetTask(torch.nn.Module):
 
     def embed(self, captions: list[str]) -> torch.Tensor:
         """Frozen text-encoder outputs, cached per caption (the world has fewer than 100 distinct captions)."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self._embeddings]
-        if missing:
-            ids = self.tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-            with torch.no_grad():
-                hidden = self.text(ids.input_ids).last_hidden_state
-            self._embeddings.update(zip(missing, hidden))
-        return torch.stack([self._embeddings[c] for c in captions])
+        return frozen_context(self._embeddings, self.tokenizer, self.text, captions)
+
+
+def frozen_context(cache: dict[str, torch.Tensor], tokenizer, text: torch.nn.Module,
+                   captions: list[str]) -> torch.Tensor:
+    """A frozen text encoder's outputs for `captions`, each caption encoded once and kept in `cache`."""
+    missing = [c for c in dict.fromkeys(captions) if c not in cache]
+    if missing:
+        ids = tokenizer(missing, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            cache.update(zip(missing, text(ids.input_ids).last_hidden_state))
+    return torch.stack([cache[c] for c in captions])
 
 
 OFFSET_NOISE = 0.1  # per-image, per-channel constant added to the noise: lets the model move whole-image brightness
