@@ -47,6 +47,10 @@ def _describe_addon(path: Path, *, kind: str) -> dict | None:
     """info for a LoRA or embedding (by its folder, or by what its tensors look like); None for other files."""
     from sdkit import embeddings, formats, loras, upscale, vae
 
+    if kind == "controlnet":
+        from sdkit import controlnet
+
+        return controlnet.peek(path)
     if kind == "upscale_models":
         result = upscale.describe(upscale.load(path))
         result["sha256"] = formats.sha256(path)
@@ -90,6 +94,7 @@ def _generate(args: argparse.Namespace) -> None:
         hires_scale=args.hires_scale,
         hires_steps=args.hires_steps,
         hires_upscaler=args.hires_upscaler,
+        controlnets=_units(args),
     )
     settings.check()  # before a load that can take minutes
     check_sampler(settings)
@@ -99,6 +104,10 @@ def _generate(args: argparse.Namespace) -> None:
     upscaler = None
     if args.upscaler:
         upscaler = upscale.load(args.upscaler, root=args.root)  # a wrong file is refused before the long load
+    from sdkit import controlnet
+
+    for unit in settings.controlnets:
+        controlnet.peek(unit.model)  # a file that is not a ControlNet is refused before the long load
     if (hires_model := hires_model_path(settings)) is not None:
         upscale.load(hires_model)  # the same for the hires pass's upscale model
     pipe = load(args.model, root=args.root)
@@ -118,6 +127,25 @@ def _generate(args: argparse.Namespace) -> None:
             print(upscale.upscale_file(path, upscaler, progress=not args.quiet, notes=notes))
             for note in notes:
                 print(f"note: {note}", file=sys.stderr)
+
+
+def _units(args: argparse.Namespace) -> tuple:
+    """The --controlnet units, each with the --control-image, --preprocess and --resize-mode in the same place (or
+    the last one given)."""
+    from sdkit import controlnet
+
+    if not args.controlnet:
+        if args.control_image:
+            raise SdkitError("--control-image needs a --controlnet to read it.", fix="add --controlnet NAME")
+        return ()
+    if not args.control_image:
+        raise SdkitError("--controlnet needs a --control-image (the picture it follows).",
+                         fix="add --control-image FILE (e.g. from `python -m sdkit pose --preset kneeling --out pose.png`)")
+    pick = lambda values, i, default: values[min(i, len(values) - 1)] if values else default  # noqa: E731
+    return tuple(controlnet.parse_spec(spec, image=pick(args.control_image, i, ""),
+                                       preprocess=pick(args.preprocess, i, "none"),
+                                       resize_mode=pick(args.resize_mode, i, "crop_and_resize"))
+                 for i, spec in enumerate(args.controlnet))
 
 
 def _upscale(args: argparse.Namespace) -> None:
@@ -177,6 +205,8 @@ def _params(args: argparse.Namespace) -> None:
 
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `python -m sdkit`."""
+    from sdkit.preprocess import ALL_PREPROCESSORS, RESIZE_MODES
+
     p = argparse.ArgumentParser(prog="python -m sdkit", description="Make AI images without a discrete GPU.")
     p.add_argument("--root", help="models root: a ComfyUI or A1111 install or models folder (default: $SDKIT_MODELS or ./models)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +249,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--upscaler", metavar="NAME", help="also write each image enlarged by this upscale model "
                    "(upscale_models folder, or a path), as <image>-<model>.png")
     s.add_argument("--vae", metavar="NAME", help="decode with this VAE (or tiny decoder) from the vae folder, or a path")
+    s.add_argument("--controlnet", action="append", default=[], metavar="NAME[:WEIGHT[:START:END]]",
+                   help="a ControlNet from models/controlnet (repeat for several); START/END: fractions of the steps")
+    s.add_argument("--control-image", action="append", default=[], metavar="FILE",
+                   help="the picture each --controlnet follows, in the same order (one is shared by all)")
+    s.add_argument("--preprocess", action="append", default=[], choices=list(ALL_PREPROCESSORS),
+                   help="make the control image from the picture first (default none: it is one already)")
+    s.add_argument("--resize-mode", action="append", default=[], choices=list(RESIZE_MODES),
+                   help="how the control image meets the size (default crop_and_resize, as A1111)")
     s.add_argument("--out", default="outputs")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(run=_generate)

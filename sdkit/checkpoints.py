@@ -118,7 +118,6 @@ def _unet_config(specs: dict[str, formats.TensorSpec], family: str) -> dict:
     context = next(shape(n)[1] for n in names if n.endswith("attn2.to_k.weight"))
     config = {
         "in_channels": shape("input_blocks.0.0.weight")[1],
-        "out_channels": shape("out.2.weight")[0],
         "block_out_channels": channels,
         "layers_per_block": per - 1,
         "cross_attention_dim": context,
@@ -127,6 +126,8 @@ def _unet_config(specs: dict[str, formats.TensorSpec], family: str) -> dict:
         "use_linear_projection": any(len(shape(n)) == 2 for n in names if n.endswith(".proj_in.weight")),
         "attention_head_dim": [max(1, c // 64) for c in channels] if family in HEAD_DIM_64 else 8,
     }
+    if "out.2.weight" in names:  # a ControlNet is the UNet's encoder only
+        config["out_channels"] = shape("out.2.weight")[0]
     if family == "sdxl" or max(depth) > 1:
         config["transformer_layers_per_block"] = depth
     if "label_emb.0.0.weight" in names:

@@ -24,32 +24,57 @@ def _rename(state: Tensors, rename: Callable[[str], str]) -> Tensors:
     return {rename(key): value for key, value in state.items()}
 
 
+def _unet_key(key: str, *, per: int, up_attentions: list[bool]) -> str:
+    """The LDM name (without prefix) of one diffusers UNet or ControlNet-encoder key."""
+    for old, new in UNET_TOP.items():
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return _block(f"input_blocks.{per * i + j + 1}", kind, rest)
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+        return f"input_blocks.{per * (int(m[1]) + 1)}.0.op.{m[2]}"
+    if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+        i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return _block(f"output_blocks.{per * i + j}", kind, rest)
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+        i = int(m[1])
+        return f"output_blocks.{per * i + per - 1}.{2 if up_attentions[i] else 1}.{m[2]}"
+    if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+        return _block(f"middle_block.{2 * int(m[1])}", "resnets", m[2], slot="")
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+        return f"middle_block.1.{m[1]}"
+    raise KeyError(f"no LDM name for UNet key {key!r}")
+
+
 def unet_to_ldm(state: Tensors, *, layers_per_block: int, up_attentions: list[bool]) -> Tensors:
     """A diffusers UNet2DConditionModel state dict in LDM `model.diffusion_model.*` names."""
     per = layers_per_block + 1
-
-    def rename(key: str) -> str:
-        for old, new in UNET_TOP.items():
-            if key.startswith(old + "."):
-                return new + key[len(old):]
-        if m := re.match(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            return _block(f"input_blocks.{per * i + j + 1}", kind, rest)
-        if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
-            return f"input_blocks.{per * (int(m[1]) + 1)}.0.op.{m[2]}"
-        if m := re.match(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
-            i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
-            return _block(f"output_blocks.{per * i + j}", kind, rest)
-        if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
-            i = int(m[1])
-            return f"output_blocks.{per * i + layers_per_block}.{2 if up_attentions[i] else 1}.{m[2]}"
-        if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
-            return _block(f"middle_block.{2 * int(m[1])}", "resnets", m[2], slot="")
-        if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
-            return f"middle_block.1.{m[1]}"
-        raise KeyError(f"no LDM name for UNet key {key!r}")
-
+    rename = lambda key: _unet_key(key, per=per, up_attentions=up_attentions)  # noqa: E731
     return {"model.diffusion_model." + k: v for k, v in _rename(state, rename).items()}
+
+
+def controlnet_key(key: str, *, layers_per_block: int, hint_blocks: int) -> str:
+    """The original-layout name (without `control_model.`) of one diffusers ControlNetModel key.
+
+    lllyasviel's ControlNet is the UNet's encoder (same names) plus `input_hint_block` (a Sequential of convs with
+    SiLUs between, so at even indices), `zero_convs.N.0` (diffusers' controlnet_down_blocks) and `middle_block_out.0`.
+    """
+    if m := re.match(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(.*)", key):
+        index = 0 if m[1] == "conv_in" else 2 * (hint_blocks + 1) if m[1] == "conv_out" else 2 * (int(m[2]) + 1)
+        return f"input_hint_block.{index}.{m[3]}"
+    if m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", key):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    if key.startswith("controlnet_mid_block."):
+        return "middle_block_out.0." + key.removeprefix("controlnet_mid_block.")
+    return _unet_key(key, per=layers_per_block + 1, up_attentions=[])
+
+
+def controlnet_to_ldm(state: Tensors, *, layers_per_block: int) -> Tensors:
+    """A diffusers ControlNetModel state dict in lllyasviel's original `control_model.*` names."""
+    hint_blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+    return {"control_model." + controlnet_key(k, layers_per_block=layers_per_block, hint_blocks=hint_blocks): v
+            for k, v in state.items()}
 
 
 def _block(prefix: str, kind: str, rest: str, *, slot: str | None = None) -> str:

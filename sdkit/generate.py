@@ -33,6 +33,7 @@ class GenerationSettings:
     hires_scale: float = 1.0  # A1111's "Hires upscale": above 1, a second pass at the larger size
     hires_steps: int = 0  # A1111's "Hires steps": 0 = as many as `steps`
     hires_upscaler: str = "Latent"  # how the first picture is enlarged before the hires pass
+    controlnets: tuple = ()  # sdkit.controlnet.Unit: each a ControlNet, its control image, weight and start/end
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class GenerationSettings:
                 target = self.hires_size()[name == "height"]
                 if target > SIZE_MAX:
                     raise SdkitError(f"the hires {name} {target} is over {SIZE_MAX}.", fix="use a smaller hires_scale")
+        for index, unit in enumerate(self.controlnets):
+            unit.check(index)
         if self.scheduler not in SCHEDULES:
             raise SdkitError(f"Schedule type {self.scheduler!r} has no diffusers equivalent here; sdkit runs: "
                              f"{', '.join(SCHEDULES)}.", fix="use scheduler='normal' (A1111's Automatic) or one of those")
@@ -213,6 +216,43 @@ def _img2img(pipe):
     return cached
 
 
+def _controlled(pipe, kind: str, models: list):
+    """The ControlNet pipeline ("txt2img" or "img2img") sharing `pipe`'s components, with these ControlNets."""
+    import diffusers
+
+    sdxl = hasattr(pipe, "text_encoder_2")
+    name = {("txt2img", False): "StableDiffusionControlNetPipeline",
+            ("img2img", False): "StableDiffusionControlNetImg2ImgPipeline",
+            ("txt2img", True): "StableDiffusionXLControlNetPipeline",
+            ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline"}[kind, sdxl]
+    cls = getattr(diffusers, name)
+    key = (name, tuple(id(m) for m in models))
+    cached = pipe.__dict__.setdefault("_sdkit_controlled", {})
+    if key not in cached:
+        expected, _ = cls._get_signature_keys(cls)
+        parts = {k: v for k, v in pipe.components.items() if k in expected and k != "controlnet"}
+        extra = {} if sdxl else {"requires_safety_checker": False}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            built = cls(**parts, controlnet=list(models), **extra)
+        built.set_progress_bar_config(disable=True)
+        cached.clear()  # one set of ControlNets at a time
+        cached[key] = built
+    built = cached[key]
+    built.scheduler, built.vae = pipe.scheduler, pipe.vae
+    return built
+
+
+def _control_args(units: tuple, *, width: int, height: int, img2img: bool) -> dict:
+    """The ControlNet arguments of one pass: control images at the pass's size, weights, start/end fractions."""
+    from sdkit import controlnet
+
+    pictures = [controlnet.control_picture(u, width=width, height=height) for u in units]
+    return {"control_image" if img2img else "image": pictures,
+            "controlnet_conditioning_scale": [u.weight for u in units],
+            "control_guidance_start": [u.start for u in units], "control_guidance_end": [u.end for u in units]}
+
+
 def _init_image(settings: GenerationSettings):
     """The init image, RGB, resized to the run's size (A1111's "Just resize"); a clear error naming the file."""
     from PIL import Image, UnidentifiedImageError
@@ -309,6 +349,16 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     base_scheduler = dict(pipe.scheduler.config)
     warnings.filterwarnings("ignore", module="torchsde")  # its float-rounding notes about Brownian intervals
     hires_model = _hires_model(pipe, settings)
+    from sdkit import controlnet as controlnets
+
+    loaded = [controlnets.load(unit.model, pipe=pipe) for unit in settings.controlnets]  # refused here, before work
+    units = tuple(dataclasses.replace(u, model=c.name, model_hash=c.model_hash)  # named as A1111 names them
+                  for u, c in zip(settings.controlnets, loaded))
+    models = [c.model for c in loaded]
+    first_control = _control_args(units, width=settings.width, height=settings.height,
+                                  img2img=bool(settings.init_image)) if models else {}
+    hires_control = _control_args(units, width=settings.hires_size()[0], height=settings.hires_size()[1],
+                                  img2img=True) if models and settings.hires_scale > 1 else {}  # A1111's "Hr Option: Both"
     layers = pipe.text_encoder.config.num_hidden_layers
     if settings.clip_skip > layers:
         raise SdkitError(f"clip_skip={settings.clip_skip} is more than this text encoder's {layers} layers.",
@@ -358,11 +408,13 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
             with torch.inference_mode():
                 if settings.init_image:
                     start = _init_image(settings)
-                    latents = _img2img(pipe)(image=start, strength=settings.strength,
-                                             num_inference_steps=settings.steps, **common).images
+                    img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
+                    latents = img2img(image=start, strength=settings.strength, num_inference_steps=settings.steps,
+                                      **first_control, **common).images
                 else:
-                    latents = pipe(num_inference_steps=settings.steps, width=settings.width, height=settings.height,
-                                   **common).images
+                    txt2img = _controlled(pipe, "txt2img", models) if models else pipe
+                    latents = txt2img(num_inference_steps=settings.steps, width=settings.width,
+                                      height=settings.height, **first_control, **common).images
                 done_before[0] = passes[0][1]
                 current[0] = passes[-1][1]
                 if settings.hires_scale > 1:  # 5. A1111's hires fix: enlarge, then redraw at `strength`
@@ -370,15 +422,17 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                     if on_step is not None:
                         _capture_denoised(pipe.scheduler, seen)
                     bigger = _enlarge(pipe, latents, settings, hires_model, notes)
-                    latents = _img2img(pipe)(image=bigger, strength=settings.strength,
-                                             num_inference_steps=settings.hires_steps or settings.steps,
-                                             **common).images
+                    img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
+                    latents = img2img(image=bigger, strength=settings.strength,
+                                      num_inference_steps=settings.hires_steps or settings.steps,
+                                      **hires_control, **common).images
         finally:
             bar.close()
         # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
         image = vaes.decode(pipe, latents, notes=image_notes)[0]
-        image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, extra={**settings.extra, **resources})
+        image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, controlnets=units,
+                                                extra={**settings.extra, **resources})
         image.sdkit_notes = image_notes  # what the learner should know about this run (e.g. LoRA layers that matched nothing)
         images.append(image)
     return images

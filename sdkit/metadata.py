@@ -82,6 +82,8 @@ def format_parameters(settings: GenerationSettings, *, model_hash: str = "", see
         "Hires steps": settings.hires_steps if settings.hires_scale > 1 and settings.hires_steps else None,
         "Hires upscaler": settings.hires_upscaler if settings.hires_scale > 1 else None,
     }
+    for index, unit in enumerate(settings.controlnets):  # as A1111's ControlNet extension writes its units
+        fields[f"ControlNet {index}"] = unit.describe(width=settings.width, height=settings.height)
     fields.update((key, value) for key, value in extra.items() if fields.get(key) is None)  # kept as it came
     line = ", ".join(f"{_checked_key(key)}: {_quote(str(value))}" for key, value in fields.items() if value is not None)
     negative = f"\n{_NEGATIVE} {settings.negative_prompt}" if settings.negative_prompt else ""
@@ -126,6 +128,10 @@ def parse_parameters(text: str) -> GenerationSettings:
                 settings.extra[key] = value  # its own spelling, to write it back as it came
         elif key == "Schedule type":
             pass  # Automatic: the sampler's own schedule
+        elif re.fullmatch(r"ControlNet \d+", key):
+            from sdkit.controlnet import parse_unit
+
+            settings.controlnets += (parse_unit(value),)
         else:
             settings.extra[key] = value
     return settings

@@ -20,6 +20,7 @@ FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "vae": ((), WEIGHTS),
     "vae_approx": ((), WEIGHTS),
     "upscale_models": ((), WEIGHTS),
+    "annotators": ((), WEIGHTS + (".json",)),  # preprocessor weights (depth, OpenPose), as lllyasviel/Annotators
     "diffusion_models": (("unet",), WEIGHTS + (".gguf",)),
     "text_encoders": (("clip",), WEIGHTS + (".gguf",)),
 }
@@ -33,6 +34,7 @@ A1111_FOLDERS: dict[str, tuple[str, ...]] = {
     "vae": ("models/VAE",),
     "vae_approx": ("models/VAE-approx",),
     "upscale_models": ("models/ESRGAN", "models/RealESRGAN"),
+    "annotators": ("extensions/sd-webui-controlnet/annotator/downloads",),
     "diffusion_models": ("models/unet",),
     "text_encoders": ("models/text_encoder",),
 }

@@ -185,3 +185,48 @@ def _new_esrgan_name(key: str) -> str:
         if key.startswith(old):
             return new + key[len(old):]
     raise KeyError(key)
+
+
+def write_controlnet(pipe, path: Path, *, layout: str = "original", seed: int = 0, metadata: dict | None = None):
+    """A random ControlNet for `pipe`'s UNet written in `layout` (original, diffusers or difference); returns the
+    diffusers ControlNetModel it was written from. Its zero convolutions are random too, so it changes images."""
+    from diffusers import ControlNetModel
+    from safetensors.torch import save_file
+
+    from sdkit.convert import controlnet_to_ldm, unet_to_ldm
+
+    torch.manual_seed(seed)
+    levels = len(pipe.vae.config.block_out_channels)  # one stride-2 hint convolution per VAE downsampling
+    model = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=tuple(16 * 2**i for i in range(levels)))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                parameter.normal_(0, 0.2)
+    model = model.float().eval()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if layout != "diffusers":
+        state = controlnet_to_ldm(state, layers_per_block=model.config.layers_per_block)
+    if layout == "difference":
+        unet = pipe.unet.config
+        base = unet_to_ldm({k: v.float() for k, v in pipe.unet.state_dict().items()},
+                           layers_per_block=unet.layers_per_block,
+                           up_attentions=[t.startswith("CrossAttn") for t in unet.up_block_types])
+        base = {k.replace("model.diffusion_model.", "control_model."): v for k, v in base.items()}
+        state = {k: (v - base[k]).contiguous() if k in base else v for k, v in state.items()}
+        state["difference"] = torch.tensor([])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata or {})
+    return model
+
+
+def write_depth_model(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny random DPT depth-estimation model (transformers' layout: config, weights, preprocessor) in `folder`."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    torch.manual_seed(seed)
+    config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=64,
+                       patch_size=16, backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 8, 8, 8],
+                       fusion_hidden_size=8, reassemble_factors=[4, 2, 1, 0.5])
+    DPTForDepthEstimation(config).save_pretrained(folder)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+    return folder

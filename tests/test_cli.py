@@ -148,3 +148,30 @@ def test_pose_writes_a_skeleton_and_its_json_and_never_overwrites(tmp_path, caps
     assert "already exists" in capsys.readouterr().err and out.read_bytes() == before
     assert main(["pose", "--preset", "dancing", "--out", str(tmp_path / "x.png")]) == 2
     assert "no pose preset 'dancing'" in capsys.readouterr().err
+
+
+def test_generate_with_a_controlnet_records_the_unit(tmp_path, capsys):
+    from sdkit import checkpoints
+    from sdkit.testing import write_controlnet
+
+    write_controlnet(checkpoints.load("shapes-v1"), tmp_path / "controlnet" / "net.safetensors",
+                     metadata={"modelspec.architecture": "sdkit-shapes-v1/controlnet"})
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "photo.png")
+    args = ["--root", str(tmp_path), "generate", "--model", "shapes-v1", "--prompt", "a red circle", "--steps", "3",
+            "--controlnet", "net:0.7:0:0.5", "--control-image", str(tmp_path / "photo.png"), "--preprocess", "canny",
+            "--resize-mode", "just_resize", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    png = capsys.readouterr().out.split()[0]
+    unit = read_parameters(png).controlnets[0]
+    assert (unit.model, unit.weight, unit.start, unit.end, unit.preprocess, unit.resize_mode) == (
+        "net", 0.7, 0.0, 0.5, "canny", "just_resize")
+
+
+def test_controlnet_problems_are_one_line_before_the_checkpoint_loads(root, tmp_path, capsys):
+    assert main(["--root", str(root), *ARGS, "--controlnet", "net"]) == 2
+    assert "--controlnet needs a --control-image" in capsys.readouterr().err
+    (root / "controlnet").mkdir()
+    shutil.copy(root / "checkpoints" / "tiny.safetensors", root / "controlnet" / "oops.safetensors")
+    assert main(["--root", str(root), *ARGS, "--controlnet", "oops", "--control-image", "x.png"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: oops.safetensors is not a ControlNet") and "Traceback" not in err

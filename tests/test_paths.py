@@ -52,12 +52,14 @@ def test_a1111_install_is_recognised(tmp_path):
     touch(tmp_path / "models" / "VAE" / "vae.safetensors")
     touch(tmp_path / "models" / "ControlNet" / "cn.safetensors")
     touch(tmp_path / "models" / "VAE-approx" / "model.pt")
+    touch(tmp_path / "extensions" / "sd-webui-controlnet" / "annotator" / "downloads" / "openpose" / "body_pose_model.pth")
     for root in (tmp_path, tmp_path / "models"):
         reg = paths.ModelPaths([root])
         assert reg.all() | {} == {
             "checkpoints": ["sd15.safetensors"], "loras": ["style.safetensors"], "embeddings": ["word.pt"],
             "controlnet": ["cn.safetensors"], "vae": ["vae.safetensors"], "upscale_models": ["4x.pth"],
             "vae_approx": ["model.pt"], "diffusion_models": [], "text_encoders": [],
+            "annotators": ["openpose/body_pose_model.pth"],
         }
 
 

@@ -49,7 +49,39 @@ def test_the_three_resize_modes_keep_or_change_the_aspect_as_a1111_does(mode):
 
 
 def test_unknown_names_are_refused():
-    with pytest.raises(SdkitError, match="no preprocessor 'depth'"):
-        preprocess.run("depth", square_picture())
+    with pytest.raises(SdkitError, match="no preprocessor 'hed'"):
+        preprocess.run("hed", square_picture())
     with pytest.raises(SdkitError, match="no resize mode 'fit'"):
         preprocess.resize(square_picture(), width=64, height=64, mode="fit")
+
+
+def test_depth_without_its_model_says_which_folder_it_goes_in(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SdkitError, match=r"the depth preprocessor needs a depth-estimation model, and "
+                                         rf"{tmp_path}/annotators/depth is missing"):
+        preprocess.depth(square_picture(), root=tmp_path)
+
+
+def test_depth_runs_a_transformers_depth_model_kept_in_annotators(tmp_path):
+    from sdkit.testing import write_depth_model
+
+    write_depth_model(tmp_path / "annotators" / "depth")
+    out = preprocess.depth(Image.new("RGB", (80, 60), "red"), root=tmp_path)
+    assert out.size == (80, 60) and out.mode == "RGB"
+    array = np.asarray(out)
+    assert array.min() == 0 and array.max() == 255, "scaled to the full range, near = white"
+
+
+def test_depth_folder_without_weights_is_refused_by_name(tmp_path):
+    (tmp_path / "annotators" / "depth").mkdir(parents=True)
+    (tmp_path / "annotators" / "depth" / "config.json").write_text("{}")
+    with pytest.raises(SdkitError, match=r"annotators/depth is not a complete depth-estimation model"):
+        preprocess.depth(square_picture(), root=tmp_path)
+
+
+def test_openpose_detection_without_its_file_says_where_it_goes(tmp_path):
+    (tmp_path / "annotators").mkdir()
+    with pytest.raises(SdkitError, match=rf"needs body_pose_model.pth, and {tmp_path}/annotators/body_pose_model.pth "
+                                         r"is missing") as error:
+        preprocess.openpose(square_picture(), root=tmp_path)
+    assert "sdkit.pose" in error.value.fix

@@ -33,7 +33,8 @@ def panel(shapes, tmp_path):
 def test_every_control_is_a_settings_field():
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
     assert set(widgets.CONTROLS) <= names
-    img2img = {"strength", "init_image", "hires_scale", "hires_steps", "hires_upscaler"}  # a lesson's group, not the core
+    img2img = {"strength", "init_image", "hires_scale", "hires_steps", "hires_upscaler",
+               "controlnets"}  # lessons' groups, not the core
     assert set(widgets.CONTROLS) == names - {"batch_size", "extra"} - img2img
 
 

@@ -162,6 +162,26 @@ def _shape_scores(mask: np.ndarray) -> tuple[dict[str, float], float, float]:
     return scores, float(box.mean()), widening
 
 
+def _foreground(img: np.ndarray, bg: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The shape's colour, each pixel's share of it (0 background .. 1 shape) and the largest shape region; None
+    when nothing stands out from the background."""
+    dist = np.linalg.norm(img - bg, axis=-1)
+    top = float(np.percentile(dist, 99.5))
+    if top < MIN_CONTRAST:
+        return None
+    fg = np.median(img[dist >= 0.75 * top], axis=0)  # the shape's inside, away from blurred edges
+    direction = fg - bg
+    alpha = (img - bg) @ direction / float(direction @ direction)  # 0 on the background, 1 on the shape
+    return fg, alpha, _largest_component(alpha > 0.5)
+
+
+def shape_mask(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Where the image's shape is: a boolean mask of its largest region (all False when there is none)."""
+    img = _as_array(image)
+    found = _foreground(img, _background(img)[0])
+    return np.zeros(img.shape[:2], dtype=bool) if found is None else found[2]
+
+
 def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01,
            colours: Mapping[str, tuple[int, int, int]] = COLOURS) -> Detection:
     """Detect the shape, colour, background and style of one image (a PIL image or an RGB array); `colours` is the
@@ -171,14 +191,10 @@ def detect(image: Image.Image | np.ndarray, *, min_area: float = 0.01,
     background = max(background_scores, key=background_scores.get)
     nothing = Detection(shape=UNKNOWN, colour=UNKNOWN, background=background, background_scores=background_scores)
 
-    dist = np.linalg.norm(img - bg, axis=-1)
-    top = float(np.percentile(dist, 99.5))
-    if top < MIN_CONTRAST:
+    found = _foreground(img, bg)
+    if found is None:
         return nothing
-    fg = np.median(img[dist >= 0.75 * top], axis=0)  # the shape's inside, away from blurred edges
-    direction = fg - bg
-    alpha = (img - bg) @ direction / float(direction @ direction)  # 0 on the background, 1 on the shape
-    mask = _largest_component(alpha > 0.5)
+    fg, alpha, mask = found
     area = float(mask.mean())
     if area < min_area:
         return nothing
