@@ -330,3 +330,82 @@ def describe(controlnet: ControlNet) -> dict:
             "parameters": sum(p.numel() for p in controlnet.model.parameters()),
             "blocks": list(net.block_out_channels), "hint channels": list(net.conditioning_embedding_out_channels),
             "hash": controlnet.model_hash}
+
+
+# --- the panel -----------------------------------------------------------------------------------------------------
+
+
+def _models(root=None) -> list[str]:
+    """The ControlNets in the models folders, by name (what the dropdown offers)."""
+    return [str(Path(name).with_suffix("")) for name in ModelPaths.from_root(root).list("controlnet")]
+
+
+def control_group(*, source=None, model: str = "shapes-v1-layout", weight: float = 1.0, start: float = 0.0,
+                  end: float = 1.0, preprocess: str = "none", on: bool = True):
+    """A panel group: one ControlNet unit with its model, control image, preprocessor, weight and start/end.
+
+    `source` is where the control image comes from: an editor with `.widget` and `.picture()` (`pose.Editor`,
+    `sdkit.shapes.controls.LayoutEditor`), redrawn live, or a fixed picture (a PIL image or a file's path).
+    """
+    import ipywidgets as w
+    from PIL import Image
+
+    from sdkit import preprocess as preprocessors
+    from sdkit.widgets import ControlGroup, png
+
+    class ControlNetGroup(ControlGroup):
+        title = "ControlNet"
+
+        def __init__(self) -> None:
+            self.source = Image.open(source).convert("RGB") if isinstance(source, (str, Path)) else source
+            options = _models()
+            self.on = w.Checkbox(value=on, description="ControlNet")
+            self.model = w.Dropdown(options=options or [model], value=model if model in options or not options
+                                    else options[0], description="model")
+            self.preprocess = w.Dropdown(options=list(preprocessors.ALL_PREPROCESSORS), value=preprocess,
+                                         description="preprocessor")
+            self.weight = w.FloatSlider(value=weight, min=0.0, max=MAX_WEIGHT, step=0.05, description="weight",
+                                        continuous_update=False)
+            self.steps = w.FloatRangeSlider(value=(start, end), min=0.0, max=1.0, step=0.05,
+                                            description="start/end", continuous_update=False)
+            self.resize = w.Dropdown(options=list(preprocessors.RESIZE_MODES), value="crop_and_resize",
+                                     description="resize")
+            for widget, name in ((self.on, "on"), (self.model, "model"), (self.preprocess, "preprocess"),
+                                 (self.weight, "weight"), (self.steps, "start-end"), (self.resize, "resize")):
+                widget.add_class(f"sdkit-controlnet-{name}")
+            editor = getattr(self.source, "widget", None)
+            if editor is None and self.source is not None:  # a fixed picture: show it
+                shown = self.source.copy()
+                shown.thumbnail((128, 128))
+                editor = w.Image(value=png(shown), format="png", layout=w.Layout(width="128px"))
+            self.widgets = [self.on, self.model] + ([editor] if editor is not None else []) + [
+                self.preprocess, self.weight, self.steps, self.resize]
+
+        def picture(self):
+            """The control image's source as it stands (before the preprocessor)."""
+            if self.source is None:
+                return None
+            return self.source.picture() if hasattr(self.source, "picture") else self.source
+
+        def update(self, settings):
+            """The ControlNet unit from the controls (off: none)."""
+            if not self.on.value:
+                return settings.replace(controlnets=())
+            unit = Unit(model=self.model.value, picture=self.picture(), preprocess=self.preprocess.value,
+                        weight=self.weight.value, start=self.steps.value[0], end=self.steps.value[1],
+                        resize_mode=self.resize.value)
+            return settings.replace(controlnets=(unit,))
+
+        def show(self, settings) -> None:
+            """An earlier picture's ControlNet settings back into the controls (the control image stays)."""
+            self.on.value = bool(settings.controlnets)
+            if settings.controlnets:
+                unit = settings.controlnets[0]
+                if unit.model in self.model.options:
+                    self.model.value = unit.model
+                self.preprocess.value = unit.preprocess
+                self.weight.value = unit.weight
+                self.steps.value = (unit.start, unit.end)
+                self.resize.value = unit.resize_mode
+
+    return ControlNetGroup()

@@ -162,3 +162,19 @@ def test_command_line_spec(spec, expected):
 def test_command_line_spec_with_words_is_refused():
     with pytest.raises(SdkitError, match="should be numbers"):
         controlnet.parse_spec("net:strong")
+
+
+def test_panel_group_makes_one_unit_from_its_source_and_shows_an_old_one():
+    from sdkit.shapes.controls import LayoutEditor
+
+    editor = LayoutEditor(cx=0.3)
+    group = controlnet.control_group(source=editor, model="shapes-v1-layout", weight=0.8, start=0.0, end=0.6)
+    unit = group.update(RUN).controlnets[0]
+    assert (unit.model, unit.weight, unit.start, unit.end) == ("shapes-v1-layout", 0.8, 0.0, 0.6)
+    assert np.array_equal(np.asarray(unit.picture), np.asarray(editor.picture()))
+    editor.x.value = 0.7
+    assert not np.array_equal(np.asarray(group.update(RUN).controlnets[0].picture), np.asarray(unit.picture))
+    group.show(RUN.replace(controlnets=(controlnet.Unit(model="shapes-v1-layout", weight=1.5, start=0.2, end=0.9),)))
+    assert (group.weight.value, group.steps.value) == (1.5, (0.2, 0.9))
+    group.show(RUN)
+    assert group.update(RUN).controlnets == ()

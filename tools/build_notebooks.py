@@ -84,6 +84,16 @@ COURSE: dict[str, Lesson] = {
         try_this=("Put *moon* in the panel's negative prompt and ask for `a circle`: how often is it yellow now?",
                   "Try `a red square, (moon:0.8)` and `a red square, (moon:1.4)` in the panel: who wins, seed after seed?",
                   "Paste a long civitai prompt into `prompts.parse` and look at its weights.")),
+    "05_controlnet": Lesson(
+        title="ControlNet: the underdrawing",
+        learn=("what a ControlNet reads: control images made by preprocessors (edges, scribbles, line art, poses)",
+               "how to draw an OpenPose skeleton, the blog's kneeling person, and move its joints",
+               "how well a shape lands where the control image says, measured against the weight and start/end"),
+        seconds=90,
+        try_this=("In the panel, drag the ControlNet weight down to 0.3 and move the shape to a corner: does it "
+                  "still follow?",
+                  "Set start/end to 0.5-1.0 in the panel: why does the shape land somewhere else?",
+                  "Run `python -m sdkit pose --preset kneeling_angle --out kneel.png` and look at the picture.")),
     "06_vae": Lesson(
         title="VAE: colour and final detail",
         learn=("what the VAE does: the painter paints latents, the VAE turns them into the picture",

@@ -134,3 +134,44 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+class LayoutEditor:
+    """An ipywidgets layout editor for the shapes world: which shape, where, how big, drawn as edges or a blob; the
+    control image redraws as the sliders move.
+
+        editor = LayoutEditor()        # display editor.widget; editor.picture() is the control image
+    """
+
+    def __init__(self, *, shape: str = "circle", cx: float = 0.3, cy: float = 0.3, size: float = 0.45,
+                 kind: str = "blob", px: int = 128) -> None:
+        import ipywidgets as w
+
+        from sdkit.widgets import png
+
+        self._png = png
+        self.shape = w.Dropdown(options=list(data.SHAPES), value=shape, description="shape")
+        self.kind = w.ToggleButtons(options=list(KINDS), value=kind, description="drawn as")
+        self.x = w.FloatSlider(value=cx, min=0.2, max=0.8, step=0.01, description="x", continuous_update=False)
+        self.y = w.FloatSlider(value=cy, min=0.2, max=0.8, step=0.01, description="y", continuous_update=False)
+        self.size = w.FloatSlider(value=size, min=data.MIN_SIZE, max=0.6, step=0.01, description="size",
+                                  continuous_update=False)
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px"))
+        for name, control in (("shape", self.shape), ("kind", self.kind), ("x", self.x), ("y", self.y),
+                              ("size", self.size)):
+            control.add_class(f"sdkit-layout-{name}")
+            control.observe(lambda _c: self._redraw(), names="value")
+        self._redraw()
+        self.widget = w.HBox([self.image, w.VBox([self.shape, self.kind, self.x, self.y, self.size])])
+
+    def spec(self) -> data.ShapeSpec:
+        """The layout as a shapes-world spec (its colour and background are not part of the control image)."""
+        return data.ShapeSpec(shape=self.shape.value, colour="red", background="white", size=self.size.value,
+                              cx=self.x.value, cy=self.y.value)
+
+    def picture(self) -> Image.Image:
+        """The control image of the layout as it stands, 64 px."""
+        return control_image(self.spec(), kind=self.kind.value)
+
+    def _redraw(self) -> None:
+        self.image.value = self._png(self.picture(), min_px=128)
