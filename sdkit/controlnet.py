@@ -195,9 +195,10 @@ def _family(state: dict, metadata: dict[str, str]) -> str | None:
     return formats.CONTEXT_DIM_FAMILY.get(width)
 
 
-def config(state: dict, family: str) -> dict:
-    """The diffusers ControlNetModel config of original-layout tensors: shapes from the tensors, the rest (norm
-    groups, head sizes) from the family's shipped UNet config, as for checkpoints."""
+def config(state: dict, family: str, *, unet: dict | None = None) -> dict:
+    """The diffusers ControlNetModel config of original-layout tensors: shapes from the tensors; what no tensor
+    shows (norm groups, head counts, SDXL's time-embedding width) from the checkpoint's UNet config `unet`, else the
+    family's shipped one."""
     import inspect
     import json
 
@@ -206,7 +207,7 @@ def config(state: dict, family: str) -> dict:
     from sdkit import checkpoints
 
     specs = {"model.diffusion_model." + k: formats.TensorSpec(str(v.dtype), tuple(v.shape)) for k, v in state.items()}
-    base = json.loads((checkpoints.CONFIGS / family / "unet" / "config.json").read_text())
+    base = dict(unet) if unet is not None else json.loads((checkpoints.CONFIGS / family / "unet" / "config.json").read_text())
     derived = checkpoints._unet_config(specs, family)
     accepted = set(inspect.signature(ControlNetModel.__init__).parameters)
     hint = sorted(int(k.split(".")[1]) for k in state if k.startswith(HINT) and k.endswith(".weight"))
@@ -240,13 +241,13 @@ def _difference_base(pipe) -> dict:
     return {k.removeprefix("model.diffusion_model."): v for k, v in state.items()}
 
 
-def build(state: dict, *, family: str, path: Path) -> torch.nn.Module:
+def build(state: dict, *, family: str, path: Path, unet: dict | None = None) -> torch.nn.Module:
     """A diffusers ControlNetModel (fp32) from original-layout tensors, every weight checked."""
     from diffusers import ControlNetModel
 
     from sdkit import convert
 
-    model = ControlNetModel.from_config(config(state, family))
+    model = ControlNetModel.from_config(config(state, family, unet=unet))
     hints = len({k.split(".")[2] for k in model.state_dict() if k.startswith(DIFFUSERS_HINT + "blocks.")})
     expected = model.state_dict()
     converted, missing = {}, []
@@ -291,7 +292,7 @@ def load(name_or_path: str | Path, *, pipe, root: str | Path | None = None) -> C
         state = {k: v.float() + base[k].float() if k in base and base[k].shape == v.shape else v
                  for k, v in state.items()}
     with torch.no_grad():
-        model = build(state, family=family, path=path)
+        model = build(state, family=family, path=path, unet=dict(pipe.unet.config))
     _check_fits(model, pipe, path=path)
     choice = device.choose(device.report())["unet"]
     model = prepare(model, part="unet", choice=choice)
@@ -341,8 +342,11 @@ def _models(root=None) -> list[str]:
 
 
 def control_group(*, source=None, model: str = "shapes-v1-layout", weight: float = 1.0, start: float = 0.0,
-                  end: float = 1.0, preprocess: str = "none", on: bool = True):
+                  end: float = 1.0, preprocess: str = "none", on: bool = True, unit: int = 0):
     """A panel group: one ControlNet unit with its model, control image, preprocessor, weight and start/end.
+
+    Several groups make several units (each adds its own; `unit` is which of a picture's units "Use" puts back
+    into this one).
 
     `source` is where the control image comes from: an editor with `.widget` and `.picture()` (`pose.Editor`,
     `sdkit.shapes.controls.LayoutEditor`), redrawn live, or a fixed picture (a PIL image or a file's path).
@@ -354,7 +358,7 @@ def control_group(*, source=None, model: str = "shapes-v1-layout", weight: float
     from sdkit.widgets import ControlGroup, png
 
     class ControlNetGroup(ControlGroup):
-        title = "ControlNet"
+        title = f"ControlNet {unit}" if unit else "ControlNet"
 
         def __init__(self) -> None:
             self.source = Image.open(source).convert("RGB") if isinstance(source, (str, Path)) else source
@@ -388,24 +392,24 @@ def control_group(*, source=None, model: str = "shapes-v1-layout", weight: float
             return self.source.picture() if hasattr(self.source, "picture") else self.source
 
         def update(self, settings):
-            """The ControlNet unit from the controls (off: none)."""
+            """settings with this group's ControlNet unit added after the others (off: nothing added)."""
             if not self.on.value:
-                return settings.replace(controlnets=())
-            unit = Unit(model=self.model.value, picture=self.picture(), preprocess=self.preprocess.value,
+                return settings
+            made = Unit(model=self.model.value, picture=self.picture(), preprocess=self.preprocess.value,
                         weight=self.weight.value, start=self.steps.value[0], end=self.steps.value[1],
                         resize_mode=self.resize.value)
-            return settings.replace(controlnets=(unit,))
+            return settings.replace(controlnets=(*settings.controlnets, made))
 
         def show(self, settings) -> None:
             """An earlier picture's ControlNet settings back into the controls (the control image stays)."""
-            self.on.value = bool(settings.controlnets)
-            if settings.controlnets:
-                unit = settings.controlnets[0]
-                if unit.model in self.model.options:
-                    self.model.value = unit.model
-                self.preprocess.value = unit.preprocess
-                self.weight.value = unit.weight
-                self.steps.value = (unit.start, unit.end)
-                self.resize.value = unit.resize_mode
+            self.on.value = len(settings.controlnets) > unit
+            if self.on.value:
+                shown = settings.controlnets[unit]
+                if shown.model in self.model.options:
+                    self.model.value = shown.model
+                self.preprocess.value = shown.preprocess
+                self.weight.value = shown.weight
+                self.steps.value = (shown.start, shown.end)
+                self.resize.value = shown.resize_mode
 
     return ControlNetGroup()

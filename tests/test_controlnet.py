@@ -178,3 +178,30 @@ def test_panel_group_makes_one_unit_from_its_source_and_shows_an_old_one():
     assert (group.weight.value, group.steps.value) == (1.5, (0.2, 0.9))
     group.show(RUN)
     assert group.update(RUN).controlnets == ()
+
+
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_sdxl_controlnets_load_and_run(tiny_files, tmp_path, layout):
+    sdxl = checkpoints.load(tiny_files["sdxl"])
+    reference = write_controlnet(sdxl, tmp_path / "xl.safetensors", layout=layout)
+    loaded = controlnet.load(tmp_path / "xl.safetensors", pipe=sdxl)
+    assert loaded.layout == layout and loaded.model.config.addition_embed_type == "text_time"
+    expected = reference.state_dict()
+    assert all(torch.equal(v.float(), expected[k].to(v.dtype).float()) for k, v in loaded.model.state_dict().items())
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "c.png")
+    settings = RUN.replace(width=32, height=32, steps=3)
+    unit_ = controlnet.Unit(model=str(tmp_path / "xl.safetensors"), image=str(tmp_path / "c.png"))
+    with_net = generate(sdxl, settings.replace(controlnets=(unit_,)), progress=False)[0]
+    assert not np.array_equal(pixels(with_net), pixels(generate(sdxl, settings, progress=False)[0]))
+
+
+def test_two_panel_groups_make_two_units():
+    first = controlnet.control_group(source=Image.new("RGB", (64, 64)), weight=0.5)
+    second = controlnet.control_group(source=Image.new("RGB", (64, 64), "white"), weight=1.5, unit=1)
+    settings = second.update(first.update(RUN))
+    assert [u.weight for u in settings.controlnets] == [0.5, 1.5]
+    assert second.title == "ControlNet 1"
+    first.on.value = False
+    second.show(settings)
+    assert second.on.value and second.weight.value == 1.5
+    assert [u.weight for u in second.update(first.update(RUN)).controlnets] == [1.5]

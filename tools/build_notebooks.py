@@ -89,7 +89,7 @@ COURSE: dict[str, Lesson] = {
         learn=("what a ControlNet reads: control images made by preprocessors (edges, scribbles, line art, poses)",
                "how to draw an OpenPose skeleton, the blog's kneeling person, and move its joints",
                "how well a shape lands where the control image says, measured against the weight and start/end"),
-        seconds=90,
+        seconds=95,
         try_this=("In the panel, drag the ControlNet weight down to 0.3 and move the shape to a corner: does it "
                   "still follow?",
                   "Set start/end to 0.5-1.0 in the panel: why does the shape land somewhere else?",

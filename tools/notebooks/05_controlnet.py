@@ -31,7 +31,7 @@ from sdkit.shapes.detect import shape_mask
 MODEL = "shapes-v1"
 CONTROLNET = "shapes-v1-layout"               # a name from models/controlnet
 SAMPLES = 16                                  # held-out layouts to measure placement on (the model card: 32)
-WEIGHTS = (0.0, 0.25, 0.5, 1.0)               # ControlNet weights to measure (0 = without it)
+WEIGHTS = (0.0, 0.5, 1.0)                     # ControlNet weights to measure (0 = without it)
 STEPS = 20
 
 # %%
@@ -201,7 +201,9 @@ for name in ("depth", "openpose"):
 
 # %%
 editor = LayoutEditor(shape="square", cx=0.65, cy=0.35, size=0.4)
-start = GenerationSettings(prompt="a yellow square on a black background", seed=5, steps=STEPS, width=64, height=64)
+unit = controlnet.Unit(model=CONTROLNET, picture=editor.picture())  # the panel starts from these settings
+start = GenerationSettings(prompt="a yellow square on a black background", seed=5, steps=STEPS, width=64, height=64,
+                           controlnets=(unit,))
 panel = widgets.Panel(MODEL, settings=start, groups=[controlnet.control_group(source=editor, model=CONTROLNET)])
 panel.generate(wait=True)
 print("placement IoU of this picture:", round(iou(data.mask(editor.spec()) >= 128, shape_mask(panel.gallery[0].image)), 2))
