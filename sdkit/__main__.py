@@ -209,6 +209,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m sdkit", description="Make AI images without a discrete GPU.")
     p.add_argument("--root", help="models root: a ComfyUI or A1111 install or models folder (default: $SDKIT_MODELS or ./models)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("device", help="what this machine has and which precision each component gets")
@@ -308,11 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except SdkitError as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cancelled", file=sys.stderr)
         return 130
+    except Exception as error:  # noqa: BLE001 - not the user's mistake: one line, the traceback on request
+        if args.debug:
+            raise
+        first = (str(error).splitlines() or [""])[0][:300]
+        print(f"error: unexpected {type(error).__name__}: {first}\n  fix: run again with --debug for the "
+              f"traceback, and report it (see SECURITY.md)", file=sys.stderr)
+        return 1
     finally:
         if previous is None:
             os.environ.pop("SDKIT_MODELS", None)

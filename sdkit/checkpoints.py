@@ -272,6 +272,10 @@ def _fill(model, state: dict, *, dtype, layout, release, path: Path, part: str) 
             raise SdkitError(f"{path.name}: the {part} weight {name} is {list(tensor.shape)} in the file, but this "
                              f"{part} needs {list(expected[name].shape)}.",
                              fix="the file mixes parts of different models or is damaged; use another file")
+        if formats.nonfinite(tensor):
+            raise SdkitError(f"{path.name}: the {part} weight {name} holds NaN or infinite values; the file is damaged "
+                             f"or was merged badly, and would paint black pictures.",
+                             fix="download the file again, or use another version of the checkpoint")
         target = dtype if tensor.is_floating_point() else tensor.dtype
         value = torch.empty(tensor.shape, dtype=target,
                             memory_format=layout if tensor.dim() == 4 else torch.contiguous_format).copy_(tensor)

@@ -101,20 +101,53 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str
     except (ValueError, AssertionError):
         raise SdkitError(f"{path} has a damaged safetensors header (not JSON).", fix="download the file again") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SdkitError(f"{path} has a damaged safetensors header (its __metadata__ is not a table).",
+                         fix="download the file again")
+    specs, spans = _check_entries(path, header, data_size=size - 8 - header_len)
+    _check_no_overlap(path, spans)
+    return specs, {str(k): str(v) for k, v in metadata.items()}
+
+
+def _check_entries(path: Path, header: dict, *, data_size: int) -> tuple[dict[str, TensorSpec], list]:
+    """Each tensor entry: a known dtype, a shape of whole numbers, and offsets inside the file that hold exactly
+    shape x item size bytes (so no tensor can reach outside the file or claim more than it has)."""
     specs: dict[str, TensorSpec] = {}
-    end = 0
+    spans = []
     for name, entry in header.items():
         try:
-            specs[name] = TensorSpec(DTYPES.get(entry["dtype"], entry["dtype"].lower()), tuple(entry["shape"]))
-            end = max(end, entry["data_offsets"][1])
-        except (KeyError, TypeError, IndexError):
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
             raise SdkitError(f"{path} has a damaged entry {name!r} in its header.", fix="download it again") from None
-    if 8 + header_len + end > size:
-        raise SdkitError(
-            f"{path} is truncated: its header promises {8 + header_len + end:,} bytes but the file has {size:,}.",
-            fix="the download stopped early; download the file again",
-        )
-    return specs, {str(k): str(v) for k, v in metadata.items()}
+        if dtype not in DTYPES:
+            raise SdkitError(f"{path}: tensor {name!r} has dtype {dtype!r}, which safetensors does not define.",
+                             fix="download the file again; if it persists the file was not made by safetensors")
+        numbers = [*shape, begin, end] if isinstance(shape, list) else None
+        if numbers is None or not all(type(n) is int and n >= 0 for n in numbers):
+            raise SdkitError(f"{path}: tensor {name!r} has a damaged shape {shape!r} or offsets {[begin, end]!r}.",
+                             fix="download the file again")
+        count = math.prod(shape)
+        if end > data_size:
+            raise SdkitError(f"{path} is truncated: tensor {name!r} ends at byte {end:,} of the data, but the file "
+                             f"holds {data_size:,} data bytes.", fix="the download stopped early; download it again")
+        if end - begin != count * ITEM_BYTES[DTYPES[dtype]]:
+            raise SdkitError(f"{path} is damaged: tensor {name!r} ({dtype} {shape}) needs "
+                             f"{count * ITEM_BYTES[DTYPES[dtype]]:,} bytes but its offsets give {end - begin:,}.",
+                             fix="download the file again")
+        specs[name] = TensorSpec(DTYPES[dtype], tuple(shape))
+        spans.append((begin, end, name))
+    return specs, spans
+
+
+def _check_no_overlap(path: Path, spans: list) -> None:
+    """No two tensors share bytes (a crafted file could make one write show through another)."""
+    previous_end, previous = 0, ""
+    for begin, end, name in sorted(spans):
+        if begin < previous_end and end > begin:
+            raise SdkitError(f"{path} is damaged: tensors {previous!r} and {name!r} overlap in the file.",
+                             fix="download the file again")
+        if end > begin:
+            previous_end, previous = end, name
 
 
 def _numpy_globals() -> list:
@@ -181,14 +214,38 @@ def read_tensors(path: Path, *, nested: bool = False) -> tuple[dict, dict[str, s
         from safetensors.torch import load_file
 
         _, metadata = read_safetensors_header(path)  # the friendly errors for damaged files come from here
-        return load_file(str(path)), metadata
-    if not nested:
-        return load_pickle(path), {}
-    data = read_pickle(path)
-    if not isinstance(data, dict):
-        raise SdkitError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors.",
-                         fix="use the .safetensors (or state-dict .pt/.pth) file the model's page offers")
-    return data, {}
+        data = load_file(str(path))
+    elif not nested:
+        data, metadata = load_pickle(path), {}
+    else:
+        data, metadata = read_pickle(path), {}
+        if not isinstance(data, dict):
+            raise SdkitError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors.",
+                             fix="use the .safetensors (or state-dict .pt/.pth) file the model's page offers")
+    check_finite(path, data)
+    return data, metadata
+
+
+def nonfinite(tensor) -> bool:
+    """Whether a tensor holds NaN or infinity (float16/bfloat16/float32/float64; float8 has no isfinite on every
+    build, and integers cannot hold them)."""
+    import torch
+
+    return tensor.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) and \
+        not bool(torch.isfinite(tensor).all())
+
+
+def check_finite(path: Path, tensors: dict) -> None:
+    """Refuse weights holding NaN or infinity (a damaged or badly merged file): they would paint black pictures."""
+    import torch
+
+    for name, value in tensors.items():
+        if isinstance(value, dict):
+            check_finite(path, value)
+        elif isinstance(value, torch.Tensor) and nonfinite(value):
+            raise SdkitError(f"{path.name}: tensor {name!r} holds NaN or infinite values; the file is damaged or was "
+                             f"merged badly, and would paint black or noise.", fix="download the file again, or use "
+                             "another version of the model")
 
 
 def read_specs(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:

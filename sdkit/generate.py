@@ -50,6 +50,7 @@ class GenerationSettings:
 
     def check(self) -> None:
         """Raise a clear error for a setting no model can run."""
+        self._check_numbers()
         for name in ("width", "height"):
             value = getattr(self, name)
             if value % 8 or not SIZE_MIN <= value <= SIZE_MAX:
@@ -93,6 +94,34 @@ class GenerationSettings:
             raise SdkitError(f"Schedule type {self.scheduler!r} has no diffusers equivalent here; sdkit runs: "
                              f"{', '.join(SCHEDULES)}.", fix="use scheduler='normal' (A1111's Automatic) or one of those")
 
+
+    def _check_numbers(self) -> None:
+        """Whole numbers where counts are meant, finite numbers elsewhere, and no count beyond reason."""
+        for name, most in WHOLE_NUMBERS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SdkitError(f"{name}={value!r} is not a whole number.", fix=f"use e.g. {name}={DEFAULTS[name]}")
+            if most is not None and value > most:
+                raise SdkitError(f"{name}={value} is more than sdkit runs (at most {most}).",
+                                 fix=f"use {name}={DEFAULTS[name]}")
+        for name, (low, high) in REAL_NUMBERS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SdkitError(f"{name}={value!r} is not a finite number.", fix=f"use e.g. {name}={DEFAULTS[name]}")
+            if not low <= value <= high:
+                raise SdkitError(f"{name}={value:g} is outside {low:g}..{high:g}.", fix=f"use e.g. {name}={DEFAULTS[name]}")
+        for name in ("prompt", "negative_prompt", "sampler", "scheduler", "model", "init_image", "hires_upscaler"):
+            if not isinstance(getattr(self, name), str):
+                raise SdkitError(f"{name}={getattr(self, name)!r} is not text.", fix=f"pass {name} as a string")
+
+
+# The count fields and their upper bounds (None: checked elsewhere), and the real-valued fields and their ranges;
+# the ranges are wide (A1111's sliders are narrower): they only keep out values no run can mean.
+WHOLE_NUMBERS = {"seed": None, "steps": 1000, "width": None, "height": None, "batch_size": 100, "clip_skip": None,
+                 "hires_steps": 1000}
+REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf)}
+DEFAULTS = {"seed": 0, "steps": 20, "width": 512, "height": 512, "batch_size": 1, "clip_skip": 1, "hires_steps": 0,
+            "cfg": 7.0, "strength": 0.75, "hires_scale": 1.0}
 
 # A1111's hires upscalers that need no model file: latent-space interpolation, or resizing the decoded picture.
 # Any other name is an upscale model in the upscale_models folder (sdkit.upscale), as in A1111's list.

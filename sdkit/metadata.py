@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import secrets
@@ -207,9 +208,12 @@ def _to_int(key: str, value: str) -> int:
 def _to_float(key: str, value: str) -> float:
     """value as a float, or an error naming key."""
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
-        raise SdkitError(f"'{key}: {value}' is not a number.", fix=f"write it like '{key}: 7.5'") from None
+        number = math.nan
+    if not math.isfinite(number):
+        raise SdkitError(f"'{key}: {value}' is not a number.", fix=f"write it like '{key}: 7.5'")
+    return number
 
 
 def _text(_key: str, value: str) -> str:

@@ -103,7 +103,13 @@ class ModelPaths:
         extensions = FOLDERS[kind][1] if kind in FOLDERS else ()
         names: list[str] = []
         for folder in self.folders(kind):
+            seen: set[str] = set()
             for top, dirs, files in os.walk(folder, followlinks=True):  # as ComfyUI and A1111 do
+                real = os.path.realpath(top)
+                if real in seen:  # a symlink loop (a folder linking to itself or a parent): each folder once
+                    dirs.clear()
+                    continue
+                seen.add(real)
                 dirs.sort()
                 for file in sorted(files):
                     path = Path(top) / file

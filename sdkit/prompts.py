@@ -22,6 +22,7 @@ CHUNK = 75  # tokens per chunk, between the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack: a chunk ends after a comma this close to its end
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = ("BREAK", -1.0)
+MAX_WEIGHT = 10.0  # an explicit weight beyond this is a typo (1.5 -> 15): it only paints noise
 
 # One alternative per kind of piece: escapes, brackets, a ":weight)" ending, plain text, a lone colon.
 _PIECES = re.compile(r"""
@@ -54,7 +55,7 @@ def parse(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             square_open.append(len(out))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            multiply(round_open.pop(), _weight(weight, text))
         elif piece == ")" and round_open:
             multiply(round_open.pop(), ROUND)
         elif piece == "]" and square_open:
@@ -75,6 +76,21 @@ def parse(text: str) -> list[tuple[str, float]]:
         else:
             merged.append(item)
     return [(text_, float(weight)) for text_, weight in merged]
+
+
+def _weight(written: str, text: str) -> float:
+    """An explicit `(word:WEIGHT)` as a number, or a clear error (A1111 itself fails on `(word:1.2.3)`)."""
+    from sdkit.errors import SdkitError
+
+    try:
+        weight = float(written)
+    except ValueError:
+        raise SdkitError(f"the prompt weight {written!r} in {text[:60]!r} is not a number.",
+                         fix="write it like (word:1.2)") from None
+    if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+        raise SdkitError(f"the prompt weight {written} is far outside what models respond to (-{MAX_WEIGHT:g} to "
+                         f"{MAX_WEIGHT:g}; 0.5 to 1.5 is usual).", fix="write it like (word:1.2)")
+    return weight
 
 
 def plain(text: str) -> str:

@@ -21,3 +21,35 @@ def tiny_files(tmp_path_factory) -> dict[str, Path]:
     for family, path in files.items():
         write_tiny(family, path)
     return files
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_network():
+    """Every test runs with connections outside this machine refused: a hidden hub or telemetry call fails loudly."""
+    import ipaddress
+    import socket
+
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def local(address) -> bool:
+        if isinstance(address, (str, bytes)):  # a Unix socket
+            return True
+        host = address[0]
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return host == "localhost"
+
+    def connect(self, address):
+        if not local(address):
+            raise OSError(f"sdkit tests run offline: a connection to {address!r} was attempted")
+        return real_connect(self, address)
+
+    def connect_ex(self, address):
+        if not local(address):
+            raise OSError(f"sdkit tests run offline: a connection to {address!r} was attempted")
+        return real_connect_ex(self, address)
+
+    socket.socket.connect, socket.socket.connect_ex = connect, connect_ex
+    yield
+    socket.socket.connect, socket.socket.connect_ex = real_connect, real_connect_ex
