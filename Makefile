@@ -19,7 +19,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 endif
 TORCH_PIP_ARGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-.PHONY: lab test browser-test notebooks install clean-venv
+.PHONY: lab test fuzz browser-test notebooks install clean-venv
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+
+# The fuzz tests with tens of thousands of examples each (over 100,000 in all; SDKIT_FUZZ_EXAMPLES per test).
+fuzz: $(STAMP)
+	HF_HUB_OFFLINE=1 HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz.py -p no:cacheprovider -q --hypothesis-show-statistics
 
 clean-venv:
 	rm -rf $(VENV)

@@ -105,7 +105,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str
         raise SdkitError(f"{path} has a damaged safetensors header (its __metadata__ is not a table).",
                          fix="download the file again")
     specs, spans = _check_entries(path, header, data_size=size - 8 - header_len)
-    _check_no_overlap(path, spans)
+    _check_layout(path, spans, data_size=size - 8 - header_len)
     return specs, {str(k): str(v) for k, v in metadata.items()}
 
 
@@ -139,15 +139,21 @@ def _check_entries(path: Path, header: dict, *, data_size: int) -> tuple[dict[st
     return specs, spans
 
 
-def _check_no_overlap(path: Path, spans: list) -> None:
-    """No two tensors share bytes (a crafted file could make one write show through another)."""
-    previous_end, previous = 0, ""
+def _check_layout(path: Path, spans: list, *, data_size: int) -> None:
+    """The tensors tile the data exactly, as the safetensors format requires: no two share bytes (a crafted file
+    could make one write show through another), and no bytes belong to none."""
+    position, previous = 0, ""
     for begin, end, name in sorted(spans):
-        if begin < previous_end and end > begin:
+        if begin < position:
             raise SdkitError(f"{path} is damaged: tensors {previous!r} and {name!r} overlap in the file.",
                              fix="download the file again")
-        if end > begin:
-            previous_end, previous = end, name
+        if begin > position:
+            raise SdkitError(f"{path} is damaged: bytes {position:,}-{begin:,} of its data belong to no tensor.",
+                             fix="download the file again")
+        position, previous = end, name
+    if position != data_size:
+        raise SdkitError(f"{path} is damaged: {data_size - position:,} bytes after its last tensor belong to none.",
+                         fix="download the file again")
 
 
 def _numpy_globals() -> list:

@@ -307,21 +307,27 @@ def apply(pipe, chosen: list[tuple[Lora, float]]) -> Applied:
     state = pipe.__dict__.setdefault("_sdkit_loras", {"originals": {}, "active": []})
     originals: dict[tuple[str, str], torch.Tensor] = state["originals"]
     with torch.no_grad():
-        for where in list(originals):
-            if where not in plan:  # no longer changed by any LoRA: its own weight back, bit for bit
+        try:
+            for where in list(originals):
+                if where not in plan:  # no longer changed by any LoRA: its own weight back, bit for bit
+                    _module(pipe, where).weight.copy_(originals.pop(where))
+            for where, layers in plan.items():
+                param = _module(pipe, where).weight
+                if where not in originals:
+                    originals[where] = param.detach().clone()
+                merged = originals[where].float()
+                for layer, weight in layers:
+                    delta = layer.delta(param.shape)
+                    if "dora_scale" in layer.tensors:
+                        merged = _dora(merged, delta, layer.tensors["dora_scale"], weight)
+                    else:
+                        merged = merged + weight * delta
+                param.copy_(merged)
+        except BaseException:  # out of memory, Ctrl-C, a bug: never leave a half-changed painter
+            for where in list(originals):
                 _module(pipe, where).weight.copy_(originals.pop(where))
-        for where, layers in plan.items():
-            param = _module(pipe, where).weight
-            if where not in originals:
-                originals[where] = param.detach().clone()
-            merged = originals[where].float()
-            for layer, weight in layers:
-                delta = layer.delta(param.shape)
-                if "dora_scale" in layer.tensors:
-                    merged = _dora(merged, delta, layer.tensors["dora_scale"], weight)
-                else:
-                    merged = merged + weight * delta
-            param.copy_(merged)
+            state["active"] = []
+            raise
     state["active"] = [(lora.name, weight) for lora, weight in chosen]
     state["source"] = "apply"
     return Applied(changed=len(plan), unmatched=unmatched)
