@@ -267,6 +267,18 @@ def build(state: dict, *, family: str, path: Path, unet: dict | None = None) -> 
     return model
 
 
+def _check_fits_memory(path: Path, *, parameters: int, item: int) -> None:
+    """Refuse, before reading it, a ControlNet whose weights (read in fp32, then kept at the UNet's precision) need
+    more memory than is free."""
+    import psutil
+
+    need = parameters * (4 + item) / 2**30
+    free = psutil.virtual_memory().available / 2**30
+    if need > free:
+        raise SdkitError(f"ControlNet {path.name} needs about {need:.1f} GiB to load, but only {free:.1f} GiB of memory "
+                         f"is free.", fix="close other programs, or use a smaller ControlNet (an fp16 or 'small' version)")
+
+
 def load(name_or_path: str | Path, *, pipe, root: str | Path | None = None) -> ControlNet:
     """Read a ControlNet (by name in models/controlnet, or a path) for `pipe`'s checkpoint; refuse one that does not
     fit it. Cached on the pipeline per file version."""
@@ -279,7 +291,9 @@ def load(name_or_path: str | Path, *, pipe, root: str | Path | None = None) -> C
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in cache:
         return cache[key]
-    kind = peek(path)["layout"]  # refuses a file that is not a ControlNet
+    about = peek(path)  # refuses a file that is not a ControlNet
+    kind = about["layout"]
+    _check_fits_memory(path, parameters=about["parameters"], item=pipe.unet.dtype.itemsize)
     state, metadata = formats.read_tensors(path)
     state = _ldm_names(state, kind)
     info = getattr(pipe, "sdkit", None)

@@ -226,3 +226,16 @@ def test_img2img_keeps_more_of_the_picture_at_low_strength(sd1, tmp_path):
 def test_bad_img2img_and_hires_settings_are_refused_by_name(sd1, change, field):
     with pytest.raises(SdkitError, match=field):
         generate(sd1, FAST.replace(**change), progress=False)
+
+
+def test_a_run_that_would_not_fit_in_memory_is_refused_with_a_size_that_fits(sd1, monkeypatch):
+    from sdkit import generate as generation
+
+    need = generation.memory_needed_gib(sd1, FAST.replace(width=128, height=128))
+    assert need == pytest.approx(4 * generation.memory_needed_gib(sd1, FAST.replace(width=64, height=64)))
+    monkeypatch.setattr(generation, "_available_gib", lambda: need / 4)
+    with pytest.raises(SdkitError, match=r"a 128x128 picture needs about .* GiB .* but only .* GiB of memory is "
+                                         r"free") as error:
+        generate(sd1, FAST.replace(width=128, height=128), progress=False)
+    assert "use 64x64 or smaller" in error.value.fix
+    assert generate(sd1, FAST.replace(width=64, height=64), progress=False)  # that size does run
