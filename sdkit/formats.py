@@ -8,6 +8,7 @@ import math
 import pickle
 import re
 import struct
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -184,7 +185,8 @@ def read_pickle(path: Path):
     if path.stat().st_size == 0:
         raise SdkitError(f"{path} is empty (0 bytes).", fix="download the file again")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a foreign file: refused below
             try:
                 data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as error:  # legacy (non-zip) files cannot be memory-mapped
