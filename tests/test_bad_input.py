@@ -196,6 +196,9 @@ ROWS = [
         "a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, b"\0" * 8)), r"'a' has a damaged shape"),
     Row("offsets past the end", _load_ckpt(lambda t: _safetensors(t / "p.safetensors", {
         "a": {"dtype": "F32", "shape": [2], "data_offsets": [1000, 1008]}}, b"\0" * 8)), r"p.safetensors is truncated"),
+    Row("data bytes belonging to no tensor (found by make fuzz)", _load_ckpt(lambda t: _safetensors(
+        t / "g.safetensors", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 12)),
+        r"4 bytes after its last tensor belong to none"),
     Row("metadata is not a table", _load_ckpt(lambda t: _safetensors(t / "m.safetensors", {
         "__metadata__": ["x"], "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)),
         r"__metadata__ is not a table"),
