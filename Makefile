@@ -46,7 +46,7 @@ fuzz: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# JupyterLab in a real browser (Debian's chromium driven by playwright): notebook 01 run, then its panel used.
+# JupyterLab in a real browser (Debian's chromium driven by playwright): notebooks 01 and 05 run, then their panels used.
 browser-test: $(STAMP)
 	@command -v chromium >/dev/null || test -x "$${CHROMIUM:-/usr/bin/chromium}" || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \

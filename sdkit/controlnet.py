@@ -377,11 +377,11 @@ def control_group(*, source=None, model: str = "shapes-v1-layout", weight: float
         def __init__(self) -> None:
             self.source = Image.open(source).convert("RGB") if isinstance(source, (str, Path)) else source
             options = _models()
-            self.on = w.Checkbox(value=on, description="ControlNet")
+            self.on = w.Checkbox(value=on, description="use it")
             self.model = w.Dropdown(options=options or [model], value=model if model in options or not options
                                     else options[0], description="model")
             self.preprocess = w.Dropdown(options=list(preprocessors.ALL_PREPROCESSORS), value=preprocess,
-                                         description="preprocessor")
+                                         description="preprocess", style={"description_width": "initial"})
             self.weight = w.FloatSlider(value=weight, min=0.0, max=MAX_WEIGHT, step=0.05, description="weight",
                                         continuous_update=False)
             self.steps = w.FloatRangeSlider(value=(start, end), min=0.0, max=1.0, step=0.05,

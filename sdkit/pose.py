@@ -200,7 +200,7 @@ class Editor:
         self.x = w.FloatSlider(min=0, max=1, step=0.01, description="x", continuous_update=True)
         self.y = w.FloatSlider(min=0, max=1, step=0.01, description="y", continuous_update=True)
         self.hidden = w.Checkbox(description="hidden")
-        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px"))
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px", height=f"{round(px * height / width)}px"))
         for name, control in (("preset", self.preset), ("joint", self.joint), ("x", self.x), ("y", self.y),
                               ("hidden", self.hidden)):
             control.add_class(f"sdkit-pose-{name}")

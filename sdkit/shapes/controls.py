@@ -156,7 +156,8 @@ class LayoutEditor:
         self.y = w.FloatSlider(value=cy, min=0.2, max=0.8, step=0.01, description="y", continuous_update=False)
         self.size = w.FloatSlider(value=size, min=data.MIN_SIZE, max=0.6, step=0.01, description="size",
                                   continuous_update=False)
-        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px"))
+        self.image = w.Image(format="png", layout=w.Layout(width=f"{px}px", height=f"{px}px"))  # not stretched
+        self.image.add_class("sdkit-layout-image")
         for name, control in (("shape", self.shape), ("kind", self.kind), ("x", self.x), ("y", self.y),
                               ("size", self.size)):
             control.add_class(f"sdkit-layout-{name}")
