@@ -4,12 +4,11 @@ group, drag the layout's x slider, set the ControlNet weight to 0 (`make browser
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
-from test_panel_in_jupyterlab import answer_kernel_question, gallery_count, run_all, set_readout, wait_gallery
+from steps import failure_report, gallery_count, run_until_panel, set_readout, wait_gallery
 
 NOTEBOOK = "05_controlnet.ipynb"
 RUN_ALL_S = 360  # notebook 05 takes ~95 s on 2 cores, measuring placement; a slow CI machine gets room
@@ -28,25 +27,14 @@ def newest_parameters(page: Page) -> str:
 
 
 def test_learner_moves_the_layout_and_the_weight(page: Page, shots: Path, lab):
-    try:
+    with failure_report(page, shots, lab, "controlnet-failure.png"):
         session(page, shots)
-    except BaseException:
-        page.screenshot(path=shots / "controlnet-failure.png")
-        print(f"failed: see {shots / 'controlnet-failure.png'}; JupyterLab's log ends:\n"
-              + (lab[2] / "lab.log").read_text()[-3000:], flush=True)
-        raise
 
 
 def session(page: Page, shots: Path) -> None:
     # 1. Open notebook 05 and run every cell.
-    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-    page.get_by_text(re.compile(r"\(ipykernel\) \| Idle")).wait_for(timeout=120_000)
-    run_all(page)
-    deadline = time.monotonic() + RUN_ALL_S
-    while not page.locator(".sdkit-panel .sdkit-gallery-item").count():
-        assert time.monotonic() < deadline, f"no panel with a picture {RUN_ALL_S} s after Run All Cells"
-        answer_kernel_question(page)
-        page.wait_for_timeout(500)
+    run_until_panel(page, shots, seconds=RUN_ALL_S, opened="controlnet-00-opened.png",
+                    retry_shot="controlnet-00b-nothing-ran.png")
     panel = page.locator(".sdkit-panel")
     panel.scroll_into_view_if_needed()
     assert "Error displaying widget" not in page.content()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
+from steps import failure_report, gallery_count, run_until_panel, set_readout, status, wait_gallery
 
 NOTEBOOK = "01_the_computer_is_dumb.ipynb"
 RUN_ALL_S = 180  # notebook 01 takes ~45 s on 2 cores; a slow CI machine gets room
@@ -25,74 +26,14 @@ def page(open_page, shots):
         yield page
 
 
-def gallery_count(page: Page) -> int:
-    return page.locator(".sdkit-gallery-item").count()
-
-
-def wait_gallery(page: Page, count: int, *, timeout_s: float = STEP_S) -> None:
-    page.wait_for_function(f"document.querySelectorAll('.sdkit-gallery-item').length >= {count}",
-                           timeout=timeout_s * 1000)
-
-
-def status(page: Page) -> str:
-    return page.locator(".sdkit-status").inner_text()
-
-
-def run_all(page: Page) -> None:
-    """Run → Run All Cells, from the menu bar."""
-    page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-    item = page.locator(".lm-Menu-item", has_text="Run All Cells").first
-    item.wait_for()
-    item.click()
-
-
-def answer_kernel_question(page: Page) -> None:
-    """JupyterLab sometimes asks which kernel to start (seen about one run in three here); a learner picks the one
-    it offers, and so does the test, saying so."""
-    select = page.locator(".jp-Dialog").get_by_role("button", name="Select", exact=True)
-    if select.count() and select.is_visible():
-        print("JupyterLab asked which kernel to start; choosing the one it offered", flush=True)
-        select.click()
-
-
-def set_readout(page: Page, control: str, value: int) -> None:
-    """Type a value into a slider's number, as a learner can."""
-    readout = page.locator(f".sdkit-{control} .widget-readout")
-    readout.click()
-    page.keyboard.press("Control+A")
-    page.keyboard.type(str(value))
-    page.keyboard.press("Enter")
-    expect(readout).to_have_text(str(value))
-
-
 def test_learner_uses_the_panel(page: Page, shots: Path, lab):
-    try:
+    with failure_report(page, shots, lab, "failure.png"):
         learner_session(page, shots)
-    except BaseException:
-        page.screenshot(path=shots / "failure.png")
-        print(f"failed: see {shots / 'failure.png'}; JupyterLab's log ends:\n"
-              + (lab[2] / "lab.log").read_text()[-3000:], flush=True)
-        raise
 
 
 def learner_session(page: Page, shots: Path) -> None:
     # 1. Open notebook 01 and run every cell, from the menu.
-    page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=120_000)
-    page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-    page.get_by_text(re.compile(r"\(ipykernel\) \| Idle")).wait_for(timeout=120_000)  # the kernel is connected
-    page.screenshot(path=shots / "01-opened.png")
-    run_all(page)
-    deadline, retried = time.monotonic() + RUN_ALL_S, False
-    while not page.locator(".sdkit-panel .sdkit-gallery-item").count():
-        assert time.monotonic() < deadline, f"no panel with a picture {RUN_ALL_S} s after Run All Cells"
-        answer_kernel_question(page)
-        first_prompt = page.locator(".jp-CodeCell .jp-InputPrompt").first.inner_text()
-        if not retried and time.monotonic() > deadline - RUN_ALL_S + 30 and "[ ]" in first_prompt:
-            print("nothing ran 30 s after Run All Cells; choosing it again, as a learner would", flush=True)
-            page.screenshot(path=shots / "01b-nothing-ran.png")
-            run_all(page)
-            retried = True
-        page.wait_for_timeout(500)
+    run_until_panel(page, shots, seconds=RUN_ALL_S, opened="01-opened.png", retry_shot="01b-nothing-ran.png")
     panel = page.locator(".sdkit-panel")
     panel.scroll_into_view_if_needed()
     panel.screenshot(path=shots / "02-panel-after-run-all.png")
