@@ -10,7 +10,6 @@ to runs/shapes/controlnet.log like every other shapes-world part.
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdkit.shapes import data
-from sdkit.shapes.addons import MODELS, base_parts
+from sdkit.shapes.addons import MODELS, _atomic_save, base_parts
 from sdkit.shapes.train import OFFSET_NOISE, RUNS, Plan, command_line, fit, frozen_context
 
 NAME = "shapes-v1-layout"
@@ -111,12 +110,7 @@ def bundle(*, runs: Path = RUNS, models: Path = MODELS) -> Path:
     metadata = {"modelspec.architecture": "sdkit-shapes-v1/controlnet", "modelspec.title": NAME,
                 "sdkit.base_model": BUNDLE.name, "sdkit.base_model_sha256": formats.sha256(BUNDLE),
                 "sdkit.control": "white edges or silhouette of the shape on black"}
-    out = models / "controlnet" / f"{NAME}.safetensors"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, out)
-    return out
+    return _atomic_save(state, models / "controlnet" / f"{NAME}.safetensors", metadata, save_file)
 
 
 def main(argv: list[str] | None = None) -> None:
