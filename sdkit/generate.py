@@ -120,8 +120,8 @@ class GenerationSettings:
 WHOLE_NUMBERS = {"seed": None, "steps": 1000, "width": None, "height": None, "batch_size": 100, "clip_skip": None,
                  "hires_steps": 1000}
 REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf)}
-DEFAULTS = {"seed": 0, "steps": 20, "width": 512, "height": 512, "batch_size": 1, "clip_skip": 1, "hires_steps": 0,
-            "cfg": 7.0, "strength": 0.75, "hires_scale": 1.0}
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)
+            if f.name in WHOLE_NUMBERS or f.name in REAL_NUMBERS}  # the usable value each error suggests
 
 # A1111's hires upscalers that need no model file: latent-space interpolation, or resizing the decoded picture.
 # Any other name is an upscale model in the upscale_models folder (sdkit.upscale), as in A1111's list.
