@@ -184,6 +184,20 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
+    if args.peers:
+        from sdkit import peers
+        from sdkit.paths import ModelPaths
+
+        checkpoint = ModelPaths.from_root(args.root).find("checkpoints", args.checkpoint) if args.checkpoint else None
+        result = peers.run(checkpoint=checkpoint, size=args.size, rounds=args.rounds, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else peers.format_table(result))
+        return
+    if args.fast_mode:
+        from sdkit.bench import fast_mode, format_fast
+
+        result = fast_mode(size=args.size, repeats=args.rounds, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else format_fast(result))
+        return
     from sdkit.bench import bench, format_table
 
     result = bench(quick=args.quick, progress=not args.json)
@@ -290,6 +304,14 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="time diffusers' default path vs sdkit's on this machine (random weights)")
     s.add_argument("--quick", action="store_true", help="SD1.5 UNet, text encoder and decoders only (under 3 minutes)")
+    s.add_argument("--peers", action="store_true",
+                   help="sdkit beside OpenVINO and stable-diffusion.cpp on one SD1.5 file (pip install '.[peers]')")
+    s.add_argument("--fast-mode", action="store_true",
+                   help="only fast mode: one SD1.5 image full and fast, and its quality cost on shapes-v1")
+    s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
+    s.add_argument("--size", type=int, default=512, help="with --peers or --fast-mode: image side in pixels")
+    s.add_argument("--rounds", type=int, default=2,
+                   help="with --peers or --fast-mode: interleaved rounds (the median is shown)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench)
 

@@ -473,6 +473,70 @@ def quality(*, prompts: tuple[str, ...] = ("a red circle on a white background",
             "vae_psnr_db": round(min(psnr(decode(ours_pipe, r[0])[0], r[1]) for r in reference), 2)}
 
 
+FULL = dict(steps=20, cfg=7.0, sampler="euler_a")  # the course's default run, which fast mode is measured against
+
+
+def fast_mode(*, size: int = 512, repeats: int = 1, progress: bool = False) -> dict:
+    """Fast mode's speed and what it costs: seconds of one image on the real-size SD1.5 (random weights, this
+    machine's path) with the full path and with fast mode, interleaved; quality on the trained shapes-v1 model."""
+    from sdkit import checkpoints, fast
+    from sdkit.generate import GenerationSettings, generate
+
+    choice = device.choose(device.report())["unet"]
+    pipe = real_size_pipeline("sd1", dtype=choice.torch_dtype)
+    for part in ("unet", "vae", "text_encoder"):
+        setattr(pipe, part, prepare(getattr(pipe, part), part=device.component_of(part), choice=choice))
+    full = GenerationSettings(prompt="a sheep in a field, photo", negative_prompt="blurry", seed=1, width=size,
+                              height=size, **FULL)
+    runs = {"full": full, "fast": fast.apply(full)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, settings in runs.items():
+            started = time.perf_counter()
+            generate(pipe, settings, progress=progress)
+            times[name].append(time.perf_counter() - started)
+    del pipe
+    device.return_free_memory()
+    seconds = {name: round(statistics.median(t), 2) for name, t in times.items()}
+    return {"size": size, "full": _run_text(full), "fast": _run_text(runs["fast"]),
+            "seconds": seconds, "speedup": round(seconds["full"] / seconds["fast"], 2),
+            "quality": fast_quality(checkpoints.load("shapes-v1"))}
+
+
+def _run_text(settings) -> str:
+    """A run's steps, sampler and fast-mode trades in words."""
+    from sdkit import fast
+
+    trades = fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until)
+    return f"{settings.steps} steps {settings.sampler} {settings.scheduler}, CFG {settings.cfg:g}" + (
+        f"; {trades}" if trades else "")
+
+
+def fast_quality(pipe, *, seeds: int = 2) -> dict:
+    """Fast mode against the full path on shapes-v1: the detector's accuracy on every full caption x `seeds`, and
+    the PSNR / SSIM of each fast picture against the full picture of the same prompt and seed."""
+    from sdkit import fast, quality
+    from sdkit.generate import generate
+    from sdkit.shapes import data
+    from sdkit.shapes.evaluate import DEFAULTS, evaluate
+
+    full = DEFAULTS.replace(**FULL)
+    quick = fast.apply(full)
+    scores = {name: evaluate(pipe, seeds=seeds, vague_seeds=0, settings=s, progress=False)
+              for name, s in (("full", full), ("fast", quick))}
+    psnrs, ssims = [], []
+    for prompt in data.full_captions()[::4]:
+        a = generate(pipe, full.replace(prompt=prompt, seed=0), progress=False)[0]
+        b = generate(pipe, quick.replace(prompt=prompt, seed=0), progress=False)[0]
+        psnrs.append(quality.psnr(a, b))
+        ssims.append(quality.ssim(a, b))
+    return {"model": "shapes-v1", "images": scores["full"]["images"],
+            "accuracy": {name: round(score["accuracy"]["all"], 3) for name, score in scores.items()},
+            "seconds_per_image": {name: round(score["seconds_per_image"], 3) for name, score in scores.items()},
+            "psnr_db": round(statistics.median(psnrs), 1), "ssim": round(statistics.median(ssims), 3),
+            "pairs": len(psnrs)}
+
+
 def real_size_pipeline(family: str, *, dtype: torch.dtype = torch.float16):
     """A diffusers pipeline of `family` at its real size, from the shipped configs, with random weights."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -622,6 +686,7 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
                               for family in tqdm(("sd1", "sdxl"), desc="loads", disable=not progress)}
         result["vae_memory"] = vae_memory()
         result["upscale_memory"] = upscale_memory()
+        result["fast_mode"] = fast_mode()
     result["quality"] = quality()
     result["widgets"] = slider_latency()
     result["lora"] = lora_apply()
@@ -671,8 +736,23 @@ def format_table(result: dict) -> str:
         lines.append(f"LoRA on SD1.5 ({lo['layers']} layers, rank {lo['rank']}, {lo['file_mib']:.0f} MiB, {lo['dtype']}): "
                      f"apply {lo['apply_s']:.2f} s, move its weight {lo['move_weight_s']:.2f} s, "
                      f"remove {lo['remove_s']:.2f} s")
+    if "fast_mode" in result:
+        lines += format_fast(result["fast_mode"]).splitlines()
     q = result["quality"]
     alone = f" (decoder alone: {q['vae_psnr_db']:.1f} dB)" if "vae_psnr_db" in q else ""
     lines.append(f"numeric check ({q['model']}): latent relative error {q['latent_relative_error']:.4f}, "
                  f"PSNR {q['psnr_db']:.1f} dB vs fp32{alone}")
     return "\n".join(lines)
+
+
+def format_fast(row: dict) -> str:
+    """Fast mode's measurement as text lines."""
+    q = row["quality"]
+    return "\n".join([
+        f"fast mode, SD1.5 {row['size']}² (random weights): {row['seconds']['full']:.1f} s -> "
+        f"{row['seconds']['fast']:.1f} s per image ({row['speedup']:.2f}x)",
+        f"  full: {row['full']}",
+        f"  fast: {row['fast']}",
+        f"  cost on {q['model']} ({q['images']} images each): detector all-right {q['accuracy']['full']:.0%} full vs "
+        f"{q['accuracy']['fast']:.0%} fast; fast vs full picture, same seed: PSNR {q['psnr_db']:.1f} dB, "
+        f"SSIM {q['ssim']:.3f} (median of {q['pairs']})"])

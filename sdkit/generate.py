@@ -7,6 +7,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
+from sdkit import fast
 from sdkit.errors import SdkitError
 
 SIZE_MIN, SIZE_MAX = 8, 4096
@@ -34,6 +35,8 @@ class GenerationSettings:
     hires_steps: int = 0  # A1111's "Hires steps": 0 = as many as `steps`
     hires_upscaler: str = "Latent"  # how the first picture is enlarged before the hires pass
     controlnets: tuple = ()  # sdkit.controlnet.Unit: each a ControlNet, its control image, weight and start/end
+    deep_cache: int = 1  # fast mode (sdkit.fast): the UNet's deep blocks run every N steps, reused between; 1 = off
+    cfg_until: float = 1.0  # fast mode: CFG (the negative prompt's pass) only for this share of the steps; 1 = all
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +76,9 @@ class GenerationSettings:
         if not 1 <= self.hires_scale <= 4:
             raise SdkitError(f"hires_scale={self.hires_scale} is not usable: A1111's Hires upscale runs from 1 to 4.",
                              fix="use hires_scale=2 for a hires pass, or 1 for none")
+        if self.deep_cache < 1:
+            raise SdkitError(f"deep_cache={self.deep_cache} is not usable: 1 runs the whole UNet every step, N its "
+                             f"deep blocks every N steps.", fix="use deep_cache=1 (off) or 3 (fast mode)")
         if self.hires_steps < 0:
             raise SdkitError(f"hires_steps={self.hires_steps} is not usable.", fix="use 0 (as many as steps) or more")
         for name, on, steps in (("img2img", bool(self.init_image), self.steps),
@@ -118,8 +124,9 @@ class GenerationSettings:
 # The count fields and their upper bounds (None: checked elsewhere), and the real-valued fields and their ranges;
 # the ranges are wide (A1111's sliders are narrower): they only keep out values no run can mean.
 WHOLE_NUMBERS = {"seed": None, "steps": 1000, "width": None, "height": None, "batch_size": 100, "clip_skip": None,
-                 "hires_steps": 1000}
-REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf)}
+                 "hires_steps": 1000, "deep_cache": 10}
+REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf),
+                "cfg_until": (0.0, 1.0)}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)
             if f.name in WHOLE_NUMBERS or f.name in REAL_NUMBERS}  # the usable value each error suggests
 
@@ -386,6 +393,13 @@ def _enlarge(pipe, latents, settings: GenerationSettings, model=None, notes: lis
     return picture.resize((width, height), resample)
 
 
+def _step_tensors(pipeline, settings: GenerationSettings) -> dict:
+    """The step callback's tensors: the latents, and with fast mode's CFG stop those it cuts to the prompt's half."""
+    if settings.cfg_until >= 1:
+        return {}
+    return {"callback_on_step_end_tensor_inputs": ["latents", *fast.cfg_tensors(pipeline)]}
+
+
 def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cancel=None, on_step=None) -> list:
     """Make `settings.batch_size` images (seeds seed, seed+1, ...); each carries its settings as `.sdkit_settings`.
 
@@ -464,6 +478,8 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                 on_step(bar.n, total, tensors["latents"], seen.get("denoised"))
             if is_set():
                 raise Cancelled(f"Generation cancelled after step {bar.n} of {total}.", fix="run it again")
+            if _pipe.do_classifier_free_guidance and (step + 1) / calls >= settings.cfg_until:
+                tensors = fast.stop_cfg(_pipe, tensors)  # fast mode: the prompt alone from here on
             return tensors
 
         # 4. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.
@@ -471,16 +487,17 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         common = {**prompt_args, "guidance_scale": settings.cfg, "generator": generator, "output_type": "latent",
                   "callback_on_step_end": after_step}
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache):
                 if settings.init_image:
                     start = _init_image(settings)
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
                     latents = img2img(image=start, strength=settings.strength, num_inference_steps=settings.steps,
-                                      **first_control, **common).images
+                                      **first_control, **common, **_step_tensors(img2img, settings)).images
                 else:
                     txt2img = _controlled(pipe, "txt2img", models) if models else pipe
                     latents = txt2img(num_inference_steps=settings.steps, width=settings.width,
-                                      height=settings.height, **first_control, **common).images
+                                      height=settings.height, **first_control, **common,
+                                      **_step_tensors(txt2img, settings)).images
                 done_before[0] = passes[0][1]
                 current[0] = passes[-1][1]
                 if settings.hires_scale > 1:  # 5. A1111's hires fix: enlarge, then redraw at `strength`
@@ -491,11 +508,14 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
                     latents = img2img(image=bigger, strength=settings.strength,
                                       num_inference_steps=settings.hires_steps or settings.steps,
-                                      **hires_control, **common).images
+                                      **hires_control, **common, **_step_tensors(img2img, settings)).images
         finally:
             bar.close()
         # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
+        if fast.is_on(settings):
+            image_notes.append("Fast mode: " + fast.describe(deep_cache=settings.deep_cache,
+                                                            cfg_until=settings.cfg_until) + ".")
         image = vaes.decode(pipe, latents, notes=image_notes)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, controlnets=units,
                                                 extra={**settings.extra, **resources})

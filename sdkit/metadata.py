@@ -82,6 +82,8 @@ def format_parameters(settings: GenerationSettings, *, model_hash: str = "", see
         "Hires upscale": _number(settings.hires_scale) if settings.hires_scale > 1 else None,
         "Hires steps": settings.hires_steps if settings.hires_scale > 1 and settings.hires_steps else None,
         "Hires upscaler": settings.hires_upscaler if settings.hires_scale > 1 else None,
+        "DeepCache": settings.deep_cache if settings.deep_cache > 1 else None,  # sdkit's fast mode (sdkit.fast)
+        "CFG until": _number(settings.cfg_until) if settings.cfg_until < 1 else None,
     }
     for index, unit in enumerate(settings.controlnets):  # as A1111's ControlNet extension writes its units
         fields[f"ControlNet {index}"] = unit.describe(width=settings.width, height=settings.height)
@@ -227,7 +229,8 @@ _FIELDS = {"Steps": ("steps", _to_int), "CFG scale": ("cfg", _to_float),
            "Clip skip": ("clip_skip", _to_int),
            "Denoising strength": ("strength", _to_float),
            "Hires upscale": ("hires_scale", _to_float),
-           "Hires steps": ("hires_steps", _to_int), "Hires upscaler": ("hires_upscaler", _text)}
+           "Hires steps": ("hires_steps", _to_int), "Hires upscaler": ("hires_upscaler", _text),
+           "DeepCache": ("deep_cache", _to_int), "CFG until": ("cfg_until", _to_float)}
 
 
 def _to_size(value: str) -> tuple[int, int]:

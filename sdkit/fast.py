@@ -1,0 +1,197 @@
+"""Fast mode: fewer UNet FLOPs per image, each trade named: reuse the deep features between steps (DeepCache) and
+stop classifier-free guidance once the picture's layout is settled (one UNet pass per step instead of two).
+
+Both keep the learner's sampler, steps and seed, so the fast picture can be compared with the full one pixel for
+pixel (`python -m sdkit bench` reports the PSNR and the shapes detector's accuracy of both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from sdkit.errors import SdkitError
+
+# What the panel's "fast mode" switch sets (measured: see `bench.fast_mode`).
+FAST = {"deep_cache": 2, "cfg_until": 0.5}
+OFF = {"deep_cache": 1, "cfg_until": 1.0}
+# The few-step schedule: half the steps with a second-order multistep sampler on Karras sigmas, which gets as far
+# in 10 steps as euler does in 20 (Karras et al. 2022; Lu et al., "DPM-Solver++", 2022).
+FEW_STEPS = {"sampler": "dpmpp_2m", "scheduler": "karras"}
+MIN_STEPS = 8
+
+
+def apply(settings, *, fewer_steps: bool = True, deep_cache: int = FAST["deep_cache"],
+          cfg_until: float = FAST["cfg_until"]):
+    """The fast version of a run: the few-step schedule (half the steps, at least MIN_STEPS), DeepCache and the CFG
+    stop. Everything it changes is a setting, so the picture's text says how it was made."""
+    changes: dict = {"deep_cache": deep_cache, "cfg_until": cfg_until}
+    if fewer_steps and settings.steps > MIN_STEPS:
+        changes |= FEW_STEPS | {"steps": max(MIN_STEPS, -(-settings.steps // 2))}
+    return settings.replace(**changes)
+
+
+def describe(*, deep_cache: int, cfg_until: float) -> str:
+    """One line naming what these settings trade ('' when both are off)."""
+    trades = []
+    if deep_cache > 1:
+        trades.append(f"the UNet's deep blocks run every {deep_cache} steps and are reused in between (DeepCache)")
+    if cfg_until < 1:
+        trades.append(f"CFG (the negative prompt's pass) stops after {cfg_until:.0%} of the steps")
+    return "; ".join(trades)
+
+
+def is_on(settings) -> bool:
+    """Whether a GenerationSettings asks for any fast-mode trade."""
+    return settings.deep_cache > 1 or settings.cfg_until < 1
+
+
+class DeepCache:
+    """Reuse the UNet's deep features across steps (Ma et al., "DeepCache", 2023): on a cheap step only the outermost
+    down and up blocks run, and every deeper block hands back what it computed on the last full step.
+
+    Written here because diffusers has no such switch; done by standing in for the deep blocks' `forward` (so the
+    UNet's own forward, ControlNet residuals and SDXL's extra inputs stay as diffusers runs them). A call whose batch
+    differs in shape from the cached one (CFG just stopped, or the hires pass began) runs in full.
+    """
+
+    def __init__(self, unet, *, interval: int) -> None:
+        if len(unet.down_blocks) < 2 or len(unet.up_blocks) < 2:
+            raise SdkitError("DeepCache needs a UNet with at least two down and two up blocks.",
+                             fix="set deep_cache=1 for this model")
+        self.unet, self.interval = unet, interval
+        first = unet.down_blocks[0]
+        self.deep = [*(first.downsamplers or []), *unet.down_blocks[1:], *([unet.mid_block] if unet.mid_block else []),
+                     *unet.up_blocks[:-1]]
+        self.cache: dict[int, object] = {}
+        self.calls, self.shape, self.cheap = 0, None, False
+        self.full_calls = self.cheap_calls = 0
+
+    def _before(self, _module, args, kwargs) -> None:
+        """Decide, before each UNet call, whether it is a full or a cheap one."""
+        sample = args[0] if args else kwargs["sample"]
+        self.cheap = self.calls % self.interval != 0 and self.shape == tuple(sample.shape) and bool(self.cache)
+        if not self.cheap:
+            self.shape = tuple(sample.shape)
+        self.calls += 1
+        self.full_calls += not self.cheap
+        self.cheap_calls += self.cheap
+
+    def _stand_in(self, index: int, forward):
+        """The block's forward, or on a cheap call its output from the last full call."""
+
+        def run(*args, **kwargs):
+            if self.cheap:
+                return self.cache[index]
+            self.cache[index] = output = forward(*args, **kwargs)
+            return output
+
+        return run
+
+    def __enter__(self) -> "DeepCache":
+        self._hook = self.unet.register_forward_pre_hook(self._before, with_kwargs=True)
+        for index, block in enumerate(self.deep):
+            block.forward = self._stand_in(index, block.forward)  # an instance attribute shadows the class's method
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._hook.remove()
+        for block in self.deep:
+            del block.forward
+        self.cache.clear()
+
+
+@contextlib.contextmanager
+def deep_cache(unet, *, interval: int) -> Iterator[DeepCache | None]:
+    """DeepCache on `unet` for the duration (nothing when interval is 1)."""
+    if interval <= 1:
+        yield None
+        return
+    with DeepCache(unet, interval=interval) as cache:
+        yield cache
+
+
+# The tensors a pipeline must hand to its step callback so CFG can be stopped: those batched [negative, positive]
+# while CFG runs (SDXL adds its pooled embeddings and size ids; ControlNet pipelines their control images).
+CFG_TENSORS = ("prompt_embeds", "add_text_embeds", "add_time_ids", "image", "control_image")
+
+
+def cfg_tensors(pipe) -> list[str]:
+    """Which of CFG_TENSORS this pipeline hands to its step callback."""
+    return [name for name in CFG_TENSORS if name in getattr(pipe, "_callback_tensor_inputs", ())]
+
+
+def stop_cfg(pipe, tensors: dict) -> dict:
+    """From the next step on, denoise with the prompt alone: guidance off, the negative half of each batch dropped."""
+    pipe._guidance_scale = 1.0  # diffusers runs CFG while guidance_scale > 1
+    for name in CFG_TENSORS:
+        if isinstance(tensors.get(name), list):  # several ControlNets: one control image each
+            tensors[name] = [_positive_half(t) for t in tensors[name]]
+        elif tensors.get(name) is not None:
+            tensors[name] = _positive_half(tensors[name])
+    return tensors
+
+
+def _positive_half(tensor):
+    """The second (prompt) half of a [negative, positive] batch."""
+    return tensor.chunk(2)[1] if tensor.shape[0] % 2 == 0 else tensor
+
+
+def cfg_stop_step(*, steps: int, cfg_until: float) -> int | None:
+    """After which step (1-based count of steps done) CFG stops, or None when it never does."""
+    if cfg_until >= 1:
+        return None
+    return max(1, round(steps * cfg_until))
+
+
+def control_group(*, on: bool = False):
+    """A panel group: the fast-mode switch, its three trades as controls, and a line naming what they give up."""
+    import ipywidgets as w
+
+    from sdkit.widgets import ControlGroup
+
+    class FastGroup(ControlGroup):
+        title = "Fast mode"
+
+        def __init__(self) -> None:
+            values = FAST if on else OFF
+            self.switch = w.Checkbox(value=on, description="fast mode", indent=False,
+                                     tooltip="fewer UNet FLOPs per image; the picture changes a little")
+            self.fewer = w.Checkbox(value=on, description="half the steps (DPM++ 2M Karras)", indent=False)
+            self.interval = w.IntSlider(value=values["deep_cache"], min=1, max=6, description="DeepCache",
+                                        tooltip="the deep blocks run every N steps and are reused in between; 1 = off")
+            self.until = w.FloatSlider(value=values["cfg_until"], min=0.0, max=1.0, step=0.05, description="CFG until",
+                                       tooltip="share of the steps that run the negative prompt's pass; 1 = all")
+            self.trades = w.HTML()
+            for widget, name in ((self.switch, "switch"), (self.fewer, "fewer-steps"), (self.interval, "deep-cache"),
+                                 (self.until, "cfg-until")):
+                widget.add_class(f"sdkit-fast-{name}")
+            self.switch.observe(self._switched, names="value")
+            for control in (self.fewer, self.interval, self.until):
+                control.observe(lambda _: self._describe(), names="value")
+            self.widgets = [self.switch, self.fewer, self.interval, self.until, self.trades]
+            self._describe()
+
+        def _switched(self, change) -> None:
+            values = FAST if change["new"] else OFF
+            self.fewer.value = change["new"]
+            self.interval.value, self.until.value = values["deep_cache"], values["cfg_until"]
+
+        def _describe(self) -> None:
+            line = describe(deep_cache=self.interval.value, cfg_until=self.until.value)
+            if self.fewer.value:
+                line = "; ".join(filter(None, [f"half the steps (at least {MIN_STEPS}) with DPM++ 2M Karras", line]))
+            self.trades.value = f"<small>{line or 'off: every step runs the whole UNet, with CFG'}</small>"
+
+        def update(self, settings):
+            """The trades into the run's settings (so the picture's text records them)."""
+            return apply(settings, fewer_steps=self.fewer.value, deep_cache=self.interval.value,
+                         cfg_until=self.until.value)
+
+        def show(self, settings) -> None:
+            """An earlier picture's fast-mode values back (its steps and sampler are already in the main controls)."""
+            self.switch.value = is_on(settings)
+            self.fewer.value = False
+            self.interval.value, self.until.value = settings.deep_cache, settings.cfg_until
+
+    return FastGroup()

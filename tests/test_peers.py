@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import pytest
+
+from sdkit import peers
+from sdkit.errors import SdkitError
+
+# Lines as stable-diffusion.cpp 0.4.7 logged them for one 512² image (bench --peers on an AMX Xeon).
+SDCPP_LOG = """[INFO ] stable-diffusion.cpp:3168 - get_learned_condition completed, taking 0.71s
+[INFO ] stable-diffusion.cpp:3432 - sampling completed, taking 139.98s
+[INFO ] stable-diffusion.cpp:3212 - decode_first_stage completed, taking 51.65s
+[INFO ] stable-diffusion.cpp:3591 - generate_image completed in 191.94s
+"""
+
+
+def test_sdcpp_times_are_read_from_its_log():
+    assert peers.sdcpp_times(SDCPP_LOG) == {"sampling": 139.98, "decode": 51.65, "image": 191.94}
+
+
+def test_a_changed_sdcpp_log_is_an_error_not_a_zero():
+    with pytest.raises(SdkitError, match="decode"):
+        peers.sdcpp_times(SDCPP_LOG.replace("decode_first_stage", "vae_decode"))
+
+
+def test_without_bf16_units_bf16_is_not_forced():
+    here, missing = peers.available(bf16=False)
+    assert "sdkit" in here and "openvino_bf16" not in here
+    assert any("openvino_bf16" in line or "openvino is not installed" in line for line in missing)
+
+
+def test_a_missing_peer_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(peers, "version", lambda package: None)
+    here, missing = peers.available(bf16=True)
+    assert here == ["sdkit"]
+    assert missing == [f"openvino is not installed: {peers.INSTALL}",
+                       f"stable-diffusion-cpp-python is not installed: {peers.INSTALL}"]
+
+
+def test_sdkit_engine_times_every_part_in_its_own_process(tiny_files):
+    result = peers.run(engines=["sdkit"], checkpoint=tiny_files["sd1"], size=64, rounds=2, progress=False)
+    rows = result["peers"]["sdkit"]
+    assert set(rows) == set(peers.PARTS)
+    for row in rows.values():
+        assert row["seconds"] > 0 and len(row["runs"]) == 2 and row["peak_rss_gib"] > 0
+    assert result["engines"]["sdkit"]["load_s"] >= 0
+    table = peers.format_table(result)
+    assert "sdkit" in table and "UNet step, CFG" in table
+
+
+def test_an_engine_that_fails_to_load_is_reported_not_raised(tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a model")
+    result = peers.run(engines=["sdkit"], checkpoint=broken, size=64, rounds=1, progress=False)
+    assert "broken.safetensors" in result["engines"]["sdkit"]["error"]
+    assert result["peers"] == {}
+    assert "broken.safetensors" in peers.format_table(result)
+
+
+def test_cfg_ratio_compares_sdkit_with_openvinos_fastest():
+    result = {"peers": {"sdkit": {"unet_step_cfg": {"seconds": 3.0}},
+                        "openvino": {"unet_step_cfg": {"seconds": 3.3}},
+                        "openvino_bf16": {"unet_step_cfg": {"seconds": 3.6}}}}
+    assert peers.cfg_ratio(result) == 1.1
+    assert peers.cfg_ratio({"peers": {"sdkit": {"unet_step_cfg": {"seconds": 3.0}}}}) is None
