@@ -189,13 +189,13 @@ def _bench(args: argparse.Namespace) -> None:
         from sdkit.paths import ModelPaths
 
         checkpoint = ModelPaths.from_root(args.root).find("checkpoints", args.checkpoint) if args.checkpoint else None
-        result = peers.run(checkpoint=checkpoint, size=args.size, rounds=args.rounds, progress=not args.json)
+        result = peers.run(checkpoint=checkpoint, size=args.size, rounds=args.rounds or 5, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else peers.format_table(result))
         return
     if args.fast_mode:
         from sdkit.bench import fast_mode, format_fast
 
-        result = fast_mode(size=args.size, repeats=args.rounds, progress=not args.json)
+        result = fast_mode(size=args.size, repeats=args.rounds or 1, progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else format_fast(result))
         return
     from sdkit.bench import bench, format_table
@@ -310,8 +310,7 @@ def parser() -> argparse.ArgumentParser:
                    help="only fast mode: one SD1.5 image full and fast, and its quality cost on shapes-v1")
     s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
     s.add_argument("--size", type=int, default=512, help="with --peers or --fast-mode: image side in pixels")
-    s.add_argument("--rounds", type=int, default=2,
-                   help="with --peers or --fast-mode: interleaved rounds (the median is shown)")
+    s.add_argument("--rounds", type=int, help="with --peers (default 5) or --fast-mode (default 1): interleaved rounds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench)
 

@@ -484,6 +484,7 @@ def fast_mode(*, size: int = 512, repeats: int = 1, progress: bool = False) -> d
 
     choice = device.choose(device.report())["unet"]
     pipe = real_size_pipeline("sd1", dtype=choice.torch_dtype)
+    pipe.set_progress_bar_config(disable=True)  # generate() has its own bar
     for part in ("unet", "vae", "text_encoder"):
         setattr(pipe, part, prepare(getattr(pipe, part), part=device.component_of(part), choice=choice))
     full = GenerationSettings(prompt="a sheep in a field, photo", negative_prompt="blurry", seed=1, width=size,

@@ -132,7 +132,7 @@ def write_checkpoint(path: Path) -> Path:
     return path
 
 
-def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, size: int = 512, rounds: int = 2,
+def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, size: int = 512, rounds: int = 5,
         threads: int | None = None, progress: bool = True) -> dict:
     """Time every engine that is here on the same SD1.5 file, interleaved: `peers.<engine>.<part>` seconds and RSS."""
     import torch
@@ -194,6 +194,7 @@ def _summary(answers: list[dict]) -> dict:
     if not good:
         return {"error": next((a["error"] for a in answers if "error" in a), "not run")}
     return {"seconds": round(statistics.median(a["seconds"] for a in good), 3),
+            "best_seconds": round(min(a["seconds"] for a in good), 3),
             "runs": [round(a["seconds"], 3) for a in good],
             "peak_rss_gib": round(max(a["peak_rss_gib"] for a in good), 2)}
 
@@ -202,11 +203,12 @@ def format_table(result: dict) -> str:
     """The peers run as a text table, fastest UNet step with CFG marked."""
     m = result["machine"]
     lines = [f"{m['cpu']}, {m['cores']} cores, {m['threads']} threads, {', '.join(m['isa'])}, torch {m['torch']}",
-             f"{result['checkpoint']}, {result['size']}², median of {result['rounds']} interleaved rounds "
-             "(stable-diffusion.cpp: the first round only)", "",
-             f"{'engine':<15} " + " ".join(f"{PART_NAMES[p]:>20}" for p in PARTS) + f" {'peak RSS':>10}"]
+             f"{result['checkpoint']}, {result['size']}², seconds: median of {result['rounds']} interleaved rounds and the "
+             "best (stable-diffusion.cpp: the first round only)", "",
+             f"{'engine':<15} " + " ".join(f"{PART_NAMES[p]:>24}" for p in PARTS) + f" {'peak RSS':>10}"]
     for name, parts in result["peers"].items():
-        cells = [f"{parts[p]['seconds']:>18.2f} s" if "seconds" in parts[p] else f"{'failed':>20}" for p in PARTS]
+        cells = [f"{parts[p]['seconds']:>9.2f} s (best {parts[p]['best_seconds']:.2f})" if "seconds" in parts[p]
+                 else f"{'failed':>20}" for p in PARTS]
         errors = {parts[p]["error"] for p in PARTS if "error" in parts[p]}
         rss = max((parts[p].get("peak_rss_gib", 0) for p in PARTS), default=0)
         lines.append(f"{name:<15} " + " ".join(cells) + f" {rss:>6.2f} GiB")

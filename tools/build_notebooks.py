@@ -119,11 +119,14 @@ COURSE: dict[str, Lesson] = {
         title="Speed on a CPU",
         learn=("what FLOPs and a CPU's peak are, measured on this machine",
                "why diffusers' default is several times slower than a tuned path",
-               "where a UNet step's time goes, by kind of operation"),
-        seconds=50,
+               "where a UNet step's time goes, by kind of operation",
+               "what fast mode (fewer steps, DeepCache, CFG only while it matters) buys and costs"),
+        seconds=80,
         try_this=("Set `SIZE = 512` and run again: how much longer is one real-size step?",
                   "Run `python -m sdkit bench --quick` in a terminal (about 3 minutes).",
-                  "In the panel, turn *live preview* off and on: what does it cost per picture?")),
+                  "In the panel, turn *live preview* off and on: what does it cost per picture?",
+                  "In the panel's Fast mode group, set DeepCache to 4 and CFG until to 0.2: when does the shape go "
+                  "wrong?")),
 }
 
 

@@ -12,7 +12,8 @@
 # Setup
 from IPython.display import Markdown, display
 
-from sdkit import bench, device, plots, widgets
+from sdkit import bench, checkpoints, device, fast, plots, widgets
+from sdkit.generate import GenerationSettings, generate
 
 # %%
 # Parameters
@@ -97,6 +98,52 @@ print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images P
       f"the VAE alone (same latents, {q['dtypes']['vae']} vs fp32): {q['vae_psnr_db']:.1f} dB")
 
 # %% [markdown]
+# ## 6. Fast mode: fewer FLOPs per image
+#
+# When the step cannot get faster, do fewer of them, or make some of them smaller. Fast mode makes three trades,
+# each a setting the picture's text records:
+#
+# * **half the steps** with DPM++ 2M Karras, a sampler that gets as far in 10 steps as euler does in 20;
+# * **DeepCache**: the UNet's deep blocks run every 2nd step; in between only the outermost blocks run and the deep
+#   features of the step before are reused (they change slowly from step to step);
+# * **CFG until 50%**: after half the steps the negative prompt's pass stops (the layout is settled by then), so
+#   each step runs the UNet once instead of twice.
+#
+# What it costs is measured, not promised: the same prompts and seeds with and without it, judged by the shapes
+# detector, and the pixel difference (PSNR; a different sampler alone already changes the pixels).
+
+# %%
+shapes = checkpoints.load("shapes-v1")
+cost = bench.fast_quality(shapes, seeds=1)  # every full caption, one seed, both ways
+display(Markdown(
+    f"| | full: 20 steps euler_a, CFG every step | fast mode |\n|---|---|---|\n"
+    f"| detector: colour, shape and background all right | {cost['accuracy']['full']:.0%} | {cost['accuracy']['fast']:.0%} |\n"
+    f"| seconds per 64 px image (shapes-v1) | {cost['seconds_per_image']['full']:.2f} | {cost['seconds_per_image']['fast']:.2f} |"))
+print(f"fast vs full picture, same prompt and seed: PSNR {cost['psnr_db']:.1f} dB, SSIM {cost['ssim']:.2f} "
+      f"(median of {cost['pairs']}): a slightly different picture of the same thing")
+
+# %%
+prompts = ["a red circle on a white background", "a blue triangle on a black background",
+           "a green square on a white background", "a yellow square on a black background"]
+base = GenerationSettings(width=64, height=64, seed=1, **bench.FULL)  # the course's default run
+pairs = [generate(shapes, run, progress=False)[0] for p in prompts
+         for run in (base.replace(prompt=p), fast.apply(base.replace(prompt=p)))]
+plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts for kind in ("full", "fast")], cols=4,
+           title="the same prompt and seed, full and fast")
+
+# %% [markdown]
+# On the real SD1.5 UNet the trades pay more than on this small model, because there most of the time is the
+# big first level (which DeepCache keeps) and the CFG pass (which stops). `python -m sdkit bench --fast-mode` times a
+# 512x512 image both ways; the README has the measurement. The panel at the end has fast mode's switch and dials.
+#
+# ## 7. Other CPU engines
+#
+# `python -m sdkit bench --peers` puts sdkit beside the engines a CPU user would otherwise pick, on the same SD1.5
+# file: **OpenVINO** (the engine of FastSD CPU) and **stable-diffusion.cpp** (C++, GGUF quantization). They are
+# optional (`pip install '.[peers]'`), take minutes to convert or build, and the course does not need them; the
+# README shows their table from the project's machine.
+
+# %% [markdown]
 # ## What to take away
 #
 # * Time per step = FLOPs / (peak x the share of the peak a program reaches).
@@ -105,6 +152,8 @@ print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images P
 #   seconds.
 # * Matching the number format to the CPU (bf16 on AMX / AVX512-BF16 machines, fp32 elsewhere) is the biggest
 #   single win on a CPU; `sdkit.device` makes that choice and says why.
+# * Fewer FLOPs per image is the other lever: fast mode (fewer steps, DeepCache, CFG only while it matters) trades a
+#   little of the picture for time, and says exactly what it traded.
 # * `python -m sdkit bench` measures every part (text encoders, UNets, VAE decoders) and whole generations on your
 #   machine; the README has the table measured on the project's machine.
 
@@ -113,12 +162,13 @@ print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images P
 #
 # On the course's small model a whole picture takes well under a second, so the panel re-renders as you drag. The
 # live preview shows the picture while it denoises; it costs a little each step (a small matrix product and a PNG
-# sent to the browser). Measured here: seconds from a slider change to the finished picture on the panel.
+# sent to the browser). Measured here: seconds from a slider change to the finished picture on the panel. The panel
+# below starts with fast mode on: open its "Fast mode" group, turn the switch off and compare.
 
 # %%
 latency = bench.slider_latency(moves=3)
 print(f"slider move -> new picture: {latency['with_preview']['median_s']:.2f} s with live preview, "
       f"{latency['without_preview']['median_s']:.2f} s without ({latency['steps']} steps, median of 3)")
-panel = widgets.Panel("shapes-v1")
+panel = widgets.Panel("shapes-v1", groups=[fast.control_group(on=True)])
 panel.generate(wait=True)
 panel
