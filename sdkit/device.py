@@ -43,7 +43,6 @@ class DeviceReport:
     accelerator_name: str
     torch_version: str
     choices: dict[str, Choice] = field(default_factory=dict)
-    allocator: str = ""
 
     @property
     def cpu_has_bf16(self) -> bool:
@@ -65,8 +64,6 @@ class DeviceReport:
         ]
         for name, choice in self.choices.items():
             lines.append(f"{name:<12} {choice.device} {choice.dtype}: {choice.reason}")
-        if self.allocator:
-            lines.append(f"{'memory':<12} {self.allocator}")
         return "\n".join(lines)
 
 
@@ -175,38 +172,7 @@ def report() -> DeviceReport:
         torch_version=torch.__version__,
     )
     result.choices = choose(result)
-    if accelerator == "none":
-        result.allocator = keep_freed_memory()
     return result
-
-
-# glibc malloc settings (mallopt's parameter number, value): no mmap per big allocation, trim only when asked.
-MALLOC = {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 2**31 - 1), "M_TOP_PAD": (-2, 64 * 2**20)}
-
-
-@lru_cache(maxsize=1)
-def keep_freed_memory() -> str:
-    """Have glibc's malloc keep freed memory for the next UNet step instead of handing it back to the OS; says what.
-
-    By default glibc serves every big block (an activation, a oneDNN scratchpad) with a fresh mmap and unmaps it on
-    free, so each SD1.5 step at 512² page-faults about 200,000 fresh pages (0.8 GB zeroed by the kernel, ~15% of
-    the step, `python -m sdkit bench --peers` shows the step times). With these settings the same memory is reused:
-    0 faults after the first step. `return_free_memory` still gives freed memory back (malloc_trim) when sdkit
-    drops a model. SDKIT_MALLOC=default leaves malloc as it comes.
-    """
-    import ctypes
-
-    if os.environ.get("SDKIT_MALLOC") == "default":
-        return "glibc malloc as it comes (SDKIT_MALLOC=default)"
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # only glibc has both this and mallopt's parameters
-    except (OSError, AttributeError):
-        return "this C library is not glibc: its allocator is left as it is"
-    if not all(libc.mallopt(code, value) == 1 for code, value in MALLOC.values()):
-        return "glibc refused the malloc settings: its allocator is left as it is"
-    return ("glibc malloc keeps freed memory for the next step (" + ", ".join(f"{k}={v}" for k, (_, v) in MALLOC.items())
-            + "): a 512² SD1.5 step reuses its memory instead of page-faulting ~0.8 GB of fresh pages")
 
 
 def return_free_memory() -> None:

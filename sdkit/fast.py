@@ -121,6 +121,18 @@ def cfg_tensors(pipe) -> list[str]:
     return [name for name in CFG_TENSORS if name in getattr(pipe, "_callback_tensor_inputs", ())]
 
 
+KEPT_CFG = ("CFG ran every step: this ControlNet pipeline does not hand its control image to the step callback, so "
+            "its negative half cannot be dropped (CFG until was not applied).")
+
+
+def can_stop_cfg(pipe) -> bool:
+    """Whether CFG can stop mid-run in this pipeline: a ControlNet pipeline must hand its batched control image to
+    the step callback (diffusers' SD and SDXL ControlNet pipelines do; one that does not keeps CFG, with a note)."""
+    if not hasattr(pipe, "controlnet"):
+        return True
+    return any(name in getattr(pipe, "_callback_tensor_inputs", ()) for name in ("image", "control_image"))
+
+
 def stop_cfg(pipe, tensors: dict) -> dict:
     """From the next step on, denoise with the prompt alone: guidance off, the negative half of each batch dropped."""
     pipe._guidance_scale = 1.0  # diffusers runs CFG while guidance_scale > 1

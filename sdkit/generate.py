@@ -479,7 +479,10 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
             if is_set():
                 raise Cancelled(f"Generation cancelled after step {bar.n} of {total}.", fix="run it again")
             if _pipe.do_classifier_free_guidance and (step + 1) / calls >= settings.cfg_until:
-                tensors = fast.stop_cfg(_pipe, tensors)  # fast mode: the prompt alone from here on
+                if fast.can_stop_cfg(_pipe):
+                    tensors = fast.stop_cfg(_pipe, tensors)  # fast mode: the prompt alone from here on
+                elif fast.KEPT_CFG not in notes:
+                    notes.append(fast.KEPT_CFG)
             return tensors
 
         # 4. Denoise from this image's own seed, so image i of a batch equals a single run with seed + i.

@@ -21,10 +21,6 @@ def memory_format(*, part: str, choice: Choice) -> torch.memory_format:
 
 def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Module:
     """Cast `model` to the chosen device and dtype, put conv nets in channels-last, freeze it for inference."""
-    if choice.device == "cpu":
-        from sdkit.device import keep_freed_memory
-
-        keep_freed_memory()  # once per process: steps reuse freed memory instead of page-faulting fresh pages
     first = next(model.parameters(), None)
     if first is not None and (first.dtype != choice.torch_dtype or first.device.type != choice.device):
         from diffusers.utils import logging

@@ -218,8 +218,8 @@ def format_table(result: dict) -> str:
         lines.append(f"{name}: {engine['label']}; load {engine.get('load_s', 0):.0f} s. {detail}".rstrip())
     ratio = cfg_ratio(result)
     if ratio:
-        lines.append(f"sdkit's UNet step with CFG vs OpenVINO's fastest: {ratio:.2f}x "
-                     + ("(sdkit faster)" if ratio >= 1 else "(OpenVINO faster)"))
+        verdict = "sdkit faster" if ratio > 1 else "OpenVINO faster" if ratio < 1 else "the same"
+        lines.append(f"sdkit's UNet step with CFG vs OpenVINO's fastest (medians): {ratio:.3f}x ({verdict})")
     lines += [f"not run: {line}" for line in result["missing"]]
     return "\n".join(lines)
 

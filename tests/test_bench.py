@@ -145,3 +145,15 @@ def test_upscale_memory_runs_tiled_and_whole_in_new_processes():
                                "upscale_memory": result, "quality": {"model": "m", "latent_relative_error": 0.0,
                                                                      "psnr_db": 99.0}})
     assert "4x upscale 160² tiled" in text
+
+
+def test_fast_mode_quality_compares_both_runs_on_shapes():
+    from sdkit import checkpoints
+
+    cost = bench.fast_quality(checkpoints.load("shapes-v1"), seeds=1)
+    assert cost["images"] == 24 and set(cost["accuracy"]) == {"full", "fast"}
+    assert cost["accuracy"]["fast"] >= cost["accuracy"]["full"] - 0.2  # fast mode keeps the subject
+    assert 8 < cost["psnr_db"] < 40 and 0 < cost["ssim"] < 1
+    row = {"size": 512, "full": "20 steps", "fast": "10 steps", "seconds": {"full": 80.0, "fast": 27.0},
+           "speedup": 2.96, "quality": cost}
+    assert "2.96x" in bench.format_fast(row)

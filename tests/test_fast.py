@@ -162,3 +162,36 @@ def test_panel_group_switch_sets_every_trade_and_writes_the_settings():
     group.show(fast.apply(SHAPES.replace(steps=20)))  # an earlier fast picture: its 10 steps are not halved again
     assert group.fewer.value is False and group.switch.value is True
     assert group.update(SHAPES.replace(steps=10)).steps == 10
+
+
+def test_sdxl_controlnet_stops_cfg_too(tiny_files, tmp_path):
+    from PIL import Image
+
+    from sdkit.controlnet import Unit
+    from sdkit.testing import write_controlnet
+
+    sdxl = checkpoints.load(tiny_files["sdxl"])
+    write_controlnet(sdxl, tmp_path / "xl.safetensors")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "c.png")
+    unit = Unit(model=str(tmp_path / "xl.safetensors"), image=str(tmp_path / "c.png"))
+    settings = GenerationSettings(prompt="a cat", negative_prompt="blurry", seed=1, steps=4, width=32, height=32,
+                                  controlnets=(unit,), cfg_until=0.5, deep_cache=2)
+    watch = []
+    hook = sdxl.unet.register_forward_pre_hook(lambda _m, args: watch.append(args[0].shape[0]))
+    try:
+        image = generate(sdxl, settings, progress=False)[0]
+    finally:
+        hook.remove()
+    assert watch == [2, 2, 1, 1]  # the control image's negative half is dropped with the prompt's
+    assert image.size == (32, 32) and fast.KEPT_CFG not in image.sdkit_notes
+
+
+def test_a_pipeline_that_cannot_drop_its_control_image_keeps_cfg():
+    class Controlled:
+        controlnet = object()
+        _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    class Plain:
+        _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    assert not fast.can_stop_cfg(Controlled()) and fast.can_stop_cfg(Plain())
