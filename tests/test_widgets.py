@@ -33,9 +33,9 @@ def panel(shapes, tmp_path):
 def test_every_control_is_a_settings_field():
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
     assert set(widgets.CONTROLS) <= names
-    img2img = {"strength", "init_image", "hires_scale", "hires_steps", "hires_upscaler",
-               "controlnets"}  # lessons' groups, not the core
-    assert set(widgets.CONTROLS) == names - {"batch_size", "extra"} - img2img
+    groups = {"strength", "init_image", "hires_scale", "hires_steps", "hires_upscaler",
+              "controlnets", "deep_cache", "cfg_until"}  # lessons' groups (hires, ControlNet, fast mode), not the core
+    assert set(widgets.CONTROLS) == names - {"batch_size", "extra"} - groups
 
 
 def test_show_then_settings_round_trips(panel):
