@@ -33,6 +33,8 @@ $(STAMP): requirements.txt pyproject.toml tools/jupyterlab/overrides.json Makefi
 	@touch $@
 
 lab: $(STAMP)
+	@# Once per machine: which precision and memory layout run the UNet fastest here (sdkit.speed, ~15 s).
+	$(PY) -m sdkit device --measure missing
 	@echo "Starting JupyterLab on notebooks/ (the URL with its token is printed below)."
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
 
@@ -46,7 +48,7 @@ fuzz: $(STAMP)
 clean-venv:
 	rm -rf $(VENV)
 
-# JupyterLab in a real browser (Debian's chromium driven by playwright): notebooks 01 and 05 run, then their panels used.
+# JupyterLab in a real browser (Debian's chromium driven by playwright): notebooks 01, 05 and 09 run, then their panels used.
 browser-test: $(STAMP)
 	@command -v chromium >/dev/null || test -x "$${CHROMIUM:-/usr/bin/chromium}" || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \

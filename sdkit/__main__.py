@@ -14,6 +14,12 @@ from sdkit.errors import SdkitError
 def _device(args: argparse.Namespace) -> None:
     from sdkit.device import report
 
+    if args.measure:
+        from sdkit import speed
+
+        if args.measure == "always" or speed.load(report()) is None:
+            speed.measure(report(), progress=not args.json)
+            report.cache_clear()  # the choices now include the measurement
     print(json.dumps(report().to_dict(), indent=2) if args.json else report())
 
 
@@ -228,6 +234,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("device", help="what this machine has and which precision each component gets")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--measure", nargs="?", const="always", choices=("always", "missing"),
+                   help="time each precision and layout here (about 15 s) and keep the fastest for later runs; "
+                        "'missing': only when this machine has no measurement yet")
     s.set_defaults(run=_device)
 
     s = sub.add_parser("models", help="list the models in the models folders")

@@ -496,19 +496,46 @@ def fast_mode(*, size: int = 512, repeats: int = 1, progress: bool = False) -> d
             started = time.perf_counter()
             generate(pipe, settings, progress=progress)
             times[name].append(time.perf_counter() - started)
+    merging = token_merging_steps(pipe.unet, sizes=(size, 2 * size), ratio=fast.FAST["token_merging"],
+                                  rounds=max(3, repeats))
     del pipe
     device.return_free_memory()
     seconds = {name: round(statistics.median(t), 2) for name, t in times.items()}
     return {"size": size, "full": _run_text(full), "fast": _run_text(runs["fast"]),
             "seconds": seconds, "speedup": round(seconds["full"] / seconds["fast"], 2),
-            "quality": fast_quality(checkpoints.load("shapes-v1"))}
+            "token_merging": merging, "quality": fast_quality(checkpoints.load("shapes-v1"))}
+
+
+def token_merging_steps(unet, *, sizes: tuple[int, ...], ratio: float, rounds: int = 3) -> list[dict]:
+    """Seconds of one UNet step with CFG (batch 2) with and without token merging at each picture size, interleaved
+    round by round (medians): merging pays more the larger the picture, as attention grows with tokens squared."""
+    from sdkit import tome
+
+    rows = []
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype)
+    for size in sizes:
+        latent = torch.randn(2, unet.config.in_channels, size // 8, size // 8, dtype=unet.dtype)
+        times: dict[float, list[float]] = {0.0: [], ratio: []}
+        with torch.inference_mode():
+            unet(latent, 500, context)  # the first call at a new size allocates; not timed
+            for _ in range(rounds):
+                for merge in times:
+                    with tome.token_merging(unet, ratio=merge):
+                        started = time.perf_counter()
+                        unet(latent, 500, context)
+                        times[merge].append(time.perf_counter() - started)
+        off, on = (statistics.median(times[merge]) for merge in (0.0, ratio))
+        rows.append({"size": size, "ratio": ratio, "seconds_off": round(off, 3), "seconds_on": round(on, 3),
+                     "speedup": round(off / on, 2), "rounds": rounds})
+    return rows
 
 
 def _run_text(settings) -> str:
     """A run's steps, sampler and fast-mode trades in words."""
     from sdkit import fast
 
-    trades = fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until)
+    trades = fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until,
+                           token_merging=settings.token_merging)
     return f"{settings.steps} steps {settings.sampler} {settings.scheduler}, CFG {settings.cfg:g}" + (
         f"; {trades}" if trades else "")
 
@@ -754,6 +781,8 @@ def format_fast(row: dict) -> str:
         f"{row['seconds']['fast']:.1f} s per image ({row['speedup']:.2f}x)",
         f"  full: {row['full']}",
         f"  fast: {row['fast']}",
+        *(f"  token merging {m['ratio']:.0%} alone, UNet step with CFG at {m['size']}²: {m['seconds_off']:.2f} s -> "
+          f"{m['seconds_on']:.2f} s ({m['speedup']:.2f}x, median of {m['rounds']})" for m in row.get("token_merging", [])),
         f"  cost on {q['model']} ({q['images']} images each): detector all-right {q['accuracy']['full']:.0%} full vs "
         f"{q['accuracy']['fast']:.0%} fast; fast vs full picture, same seed: PSNR {q['psnr_db']:.1f} dB, "
         f"SSIM {q['ssim']:.3f} (median of {q['pairs']})"])

@@ -23,6 +23,7 @@ class Choice:
     device: str
     dtype: str
     reason: str
+    layout: str = "channels_last"  # of convolution weights and activations on a CPU (sdkit.optimize); or contiguous
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -63,7 +64,11 @@ class DeviceReport:
             f"torch        {self.torch_version}",
         ]
         for name, choice in self.choices.items():
-            lines.append(f"{name:<12} {choice.device} {choice.dtype}: {choice.reason}")
+            layout = f" {choice.layout.replace('_', '-')}" if choice.device == "cpu" and name != "text_encoder" else ""
+            lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
+        if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
+            lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
+                         "--measure` times each precision and layout here (about 15 s) and keeps the fastest")
         return "\n".join(lines)
 
 
@@ -147,6 +152,8 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
     else:
         why = "fp32: this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 would be emulated and slower"
         choices = {c: Choice("cpu", "float32", why) for c in COMPONENTS}
+    if report.accelerator == "none" and not forced:
+        choices = _measured(report, choices)
     if forced:
         if forced not in ("float32", "bfloat16", "float16"):
             from sdkit.errors import SdkitError
@@ -154,6 +161,22 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
             raise SdkitError(f"SDKIT_DTYPE={forced!r} is not a dtype sdkit uses.",
                              fix="set it to float32, bfloat16 or float16, or unset it")
         choices = {c: Choice(ch.device, forced, f"{forced}: set by SDKIT_DTYPE") for c, ch in choices.items()}
+    return choices
+
+
+def _measured(report: DeviceReport, guesses: dict[str, Choice]) -> dict[str, Choice]:
+    """The CPU-feature guesses, or the measured pick where `python -m sdkit device --measure` found a faster one."""
+    from sdkit import speed
+
+    measurement = speed.load(report)
+    if measurement is None:
+        return guesses
+    choices = {}
+    for name, guess in guesses.items():
+        dtype, layout = measurement.pick(dtype=guess.dtype, layout=guess.layout)
+        line = measurement.describe(dtype=guess.dtype, layout=guess.layout)
+        reason = f"{guess.reason}; {line}" if dtype == guess.dtype else f"the CPU's features suggest {guess.dtype}; {line}"
+        choices[name] = Choice("cpu", dtype, reason, layout=layout)
     return choices
 
 

@@ -1,6 +1,6 @@
 """Fast mode: fewer UNet FLOPs per image, each trade named: half the steps with a few-step sampler, reuse of the
-deep features between steps (DeepCache), and classifier-free guidance stopped once the picture's layout is settled
-(one UNet pass per step instead of two).
+deep features between steps (DeepCache), classifier-free guidance stopped once the picture's layout is settled
+(one UNet pass per step instead of two), and token merging in the largest self-attention (sdkit.tome).
 
 Every trade is a setting the picture's text records; `python -m sdkit bench --fast-mode` reports the time saved and,
 on shapes-v1, the detector's accuracy and the PSNR of fast against full pictures of the same seed.
@@ -12,10 +12,11 @@ import contextlib
 from collections.abc import Iterator
 
 from sdkit.errors import SdkitError
+from sdkit.tome import MAX_RATIO
 
 # What the panel's "fast mode" switch sets (measured: see `bench.fast_mode`).
-FAST = {"deep_cache": 2, "cfg_until": 0.5}
-OFF = {"deep_cache": 1, "cfg_until": 1.0}
+FAST = {"deep_cache": 2, "cfg_until": 0.5, "token_merging": 0.5}
+OFF = {"deep_cache": 1, "cfg_until": 1.0, "token_merging": 0.0}
 # The few-step schedule: half the steps with a second-order multistep sampler on Karras sigmas, which gets as far
 # in 10 steps as euler does in 20 (Karras et al. 2022; Lu et al., "DPM-Solver++", 2022).
 FEW_STEPS = {"sampler": "dpmpp_2m", "scheduler": "karras"}
@@ -23,28 +24,30 @@ MIN_STEPS = 8
 
 
 def apply(settings, *, fewer_steps: bool = True, deep_cache: int = FAST["deep_cache"],
-          cfg_until: float = FAST["cfg_until"]):
-    """The fast version of a run: the few-step schedule (half the steps, at least MIN_STEPS), DeepCache and the CFG
-    stop. Everything it changes is a setting, so the picture's text says how it was made."""
-    changes: dict = {"deep_cache": deep_cache, "cfg_until": cfg_until}
+          cfg_until: float = FAST["cfg_until"], token_merging: float = FAST["token_merging"]):
+    """The fast version of a run: the few-step schedule (half the steps, at least MIN_STEPS), DeepCache, the CFG
+    stop and token merging. Everything it changes is a setting, so the picture's text says how it was made."""
+    changes: dict = {"deep_cache": deep_cache, "cfg_until": cfg_until, "token_merging": token_merging}
     if fewer_steps and settings.steps > MIN_STEPS:
         changes |= FEW_STEPS | {"steps": max(MIN_STEPS, -(-settings.steps // 2))}
     return settings.replace(**changes)
 
 
-def describe(*, deep_cache: int, cfg_until: float) -> str:
-    """One line naming what these settings trade ('' when both are off)."""
+def describe(*, deep_cache: int, cfg_until: float, token_merging: float = 0.0) -> str:
+    """One line naming what these settings trade ('' when all are off)."""
     trades = []
     if deep_cache > 1:
         trades.append(f"the UNet's deep blocks run every {deep_cache} steps and are reused in between (DeepCache)")
     if cfg_until < 1:
         trades.append(f"CFG (the negative prompt's pass) stops after {cfg_until:.0%} of the steps")
+    if token_merging > 0:
+        trades.append(f"{token_merging:.0%} of the tokens in the largest self-attention are merged with similar ones")
     return "; ".join(trades)
 
 
 def is_on(settings) -> bool:
     """Whether a GenerationSettings asks for any fast-mode trade."""
-    return settings.deep_cache > 1 or settings.cfg_until < 1
+    return settings.deep_cache > 1 or settings.cfg_until < 1 or settings.token_merging > 0
 
 
 class DeepCache:
@@ -155,9 +158,10 @@ def cfg_stop_step(*, steps: int, cfg_until: float) -> int | None:
 
 
 def control_group(*, on: bool = False):
-    """A panel group: the fast-mode switch, its three trades as controls, and a line naming what they give up."""
+    """A panel group: the fast-mode switch, its four trades as controls, and a line naming what they give up."""
     import ipywidgets as w
 
+    from sdkit.generate import WHOLE_NUMBERS
     from sdkit.widgets import ControlGroup
 
     class FastGroup(ControlGroup):
@@ -168,27 +172,35 @@ def control_group(*, on: bool = False):
             self.switch = w.Checkbox(value=on, description="fast mode", indent=False,
                                      tooltip="fewer UNet FLOPs per image; the picture changes a little")
             self.fewer = w.Checkbox(value=on, description="half the steps (DPM++ 2M Karras)", indent=False)
-            self.interval = w.IntSlider(value=values["deep_cache"], min=1, max=6, description="DeepCache",
+            self.interval = w.IntSlider(value=values["deep_cache"], min=1, max=WHOLE_NUMBERS["deep_cache"],
+                                        description="DeepCache",
                                         tooltip="the deep blocks run every N steps and are reused in between; 1 = off")
             self.until = w.FloatSlider(value=values["cfg_until"], min=0.0, max=1.0, step=0.05, description="CFG until",
                                        tooltip="share of the steps that run the negative prompt's pass; 1 = all")
+            self.merging = w.FloatSlider(value=values["token_merging"], min=0.0, max=MAX_RATIO, step=0.05,
+                                         description="merge tokens",
+                                         tooltip="share of the largest self-attention's tokens merged; 0 = off")
             self.trades = w.HTML()
+            for slider in (self.interval, self.until, self.merging):
+                slider.style.description_width = "100px"  # room for "merge tokens", the three aligned
             for widget, name in ((self.switch, "switch"), (self.fewer, "fewer-steps"), (self.interval, "deep-cache"),
-                                 (self.until, "cfg-until")):
+                                 (self.until, "cfg-until"), (self.merging, "token-merging"), (self.trades, "trades")):
                 widget.add_class(f"sdkit-fast-{name}")
             self.switch.observe(self._switched, names="value")
-            for control in (self.fewer, self.interval, self.until):
+            for control in (self.fewer, self.interval, self.until, self.merging):
                 control.observe(lambda _: self._describe(), names="value")
-            self.widgets = [self.switch, self.fewer, self.interval, self.until, self.trades]
+            self.widgets = [self.switch, self.fewer, self.interval, self.until, self.merging, self.trades]
             self._describe()
 
         def _switched(self, change) -> None:
             values = FAST if change["new"] else OFF
             self.fewer.value = change["new"]
             self.interval.value, self.until.value = values["deep_cache"], values["cfg_until"]
+            self.merging.value = values["token_merging"]
 
         def _describe(self) -> None:
-            line = describe(deep_cache=self.interval.value, cfg_until=self.until.value)
+            line = describe(deep_cache=self.interval.value, cfg_until=self.until.value,
+                            token_merging=self.merging.value)
             if self.fewer.value:
                 line = "; ".join(filter(None, [f"half the steps (at least {MIN_STEPS}) with DPM++ 2M Karras", line]))
             self.trades.value = f"<small>{line or 'off: every step runs the whole UNet, with CFG'}</small>"
@@ -196,12 +208,13 @@ def control_group(*, on: bool = False):
         def update(self, settings):
             """The trades into the run's settings (so the picture's text records them)."""
             return apply(settings, fewer_steps=self.fewer.value, deep_cache=self.interval.value,
-                         cfg_until=self.until.value)
+                         cfg_until=self.until.value, token_merging=self.merging.value)
 
         def show(self, settings) -> None:
             """An earlier picture's fast-mode values back (its steps and sampler are already in the main controls)."""
             self.switch.value = is_on(settings)
             self.fewer.value = False
             self.interval.value, self.until.value = settings.deep_cache, settings.cfg_until
+            self.merging.value = settings.token_merging
 
     return FastGroup()

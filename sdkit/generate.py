@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from sdkit import fast
 from sdkit.errors import SdkitError
+from sdkit.tome import MAX_RATIO, token_merging
 
 SIZE_MIN, SIZE_MAX = 8, 4096
 
@@ -37,6 +38,7 @@ class GenerationSettings:
     controlnets: tuple = ()  # sdkit.controlnet.Unit: each a ControlNet, its control image, weight and start/end
     deep_cache: int = 1  # fast mode (sdkit.fast): the UNet's deep blocks run every N steps, reused between; 1 = off
     cfg_until: float = 1.0  # fast mode: CFG (the negative prompt's pass) only for this share of the steps; 1 = all
+    token_merging: float = 0.0  # A1111's "Token merging ratio" (sdkit.tome): share of self-attention tokens merged
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -126,7 +128,7 @@ class GenerationSettings:
 WHOLE_NUMBERS = {"seed": None, "steps": 1000, "width": None, "height": None, "batch_size": 100, "clip_skip": None,
                  "hires_steps": 1000, "deep_cache": 10}
 REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf),
-                "cfg_until": (0.0, 1.0)}
+                "cfg_until": (0.0, 1.0), "token_merging": (0.0, MAX_RATIO)}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)
             if f.name in WHOLE_NUMBERS or f.name in REAL_NUMBERS}  # the usable value each error suggests
 
@@ -490,7 +492,8 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         common = {**prompt_args, "guidance_scale": settings.cfg, "generator": generator, "output_type": "latent",
                   "callback_on_step_end": after_step}
         try:
-            with torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache):
+            with (torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache),
+                  token_merging(pipe.unet, ratio=settings.token_merging)):
                 if settings.init_image:
                     start = _init_image(settings)
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
@@ -517,8 +520,8 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
         if fast.is_on(settings):
-            image_notes.append("Fast mode: " + fast.describe(deep_cache=settings.deep_cache,
-                                                            cfg_until=settings.cfg_until) + ".")
+            image_notes.append("Fast mode: " + fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until,
+                                                            token_merging=settings.token_merging) + ".")
         image = vaes.decode(pipe, latents, notes=image_notes)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, controlnets=units,
                                                 extra={**settings.extra, **resources})

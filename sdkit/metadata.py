@@ -84,6 +84,7 @@ def format_parameters(settings: GenerationSettings, *, model_hash: str = "", see
         "Hires upscaler": settings.hires_upscaler if settings.hires_scale > 1 else None,
         "DeepCache": settings.deep_cache if settings.deep_cache > 1 else None,  # sdkit's fast mode (sdkit.fast)
         "CFG until": _number(settings.cfg_until) if settings.cfg_until < 1 else None,
+        "Token merging ratio": _number(settings.token_merging) if settings.token_merging > 0 else None,
     }
     for index, unit in enumerate(settings.controlnets):  # as A1111's ControlNet extension writes its units
         fields[f"ControlNet {index}"] = unit.describe(width=settings.width, height=settings.height)
@@ -230,7 +231,8 @@ _FIELDS = {"Steps": ("steps", _to_int), "CFG scale": ("cfg", _to_float),
            "Denoising strength": ("strength", _to_float),
            "Hires upscale": ("hires_scale", _to_float),
            "Hires steps": ("hires_steps", _to_int), "Hires upscaler": ("hires_upscaler", _text),
-           "DeepCache": ("deep_cache", _to_int), "CFG until": ("cfg_until", _to_float)}
+           "DeepCache": ("deep_cache", _to_int), "CFG until": ("cfg_until", _to_float),
+           "Token merging ratio": ("token_merging", _to_float)}
 
 
 def _to_size(value: str) -> tuple[int, int]:

@@ -11,7 +11,7 @@ CONV_PARTS = ("unet", "vae")  # convolution-heavy parts, which oneDNN runs faste
 
 def _channels_last(part: str, choice: Choice) -> bool:
     """Whether `prepare` puts this part in channels-last memory."""
-    return part in CONV_PARTS and choice.device == "cpu"
+    return part in CONV_PARTS and choice.device == "cpu" and choice.layout == "channels_last"
 
 
 def memory_format(*, part: str, choice: Choice) -> torch.memory_format:
@@ -31,8 +31,8 @@ def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Mo
             model = model.to(device=choice.device, dtype=choice.torch_dtype)
         finally:
             logging.set_verbosity(level)
-    if _channels_last(part, choice):
-        model = model.to(memory_format=torch.channels_last)
+    if part in CONV_PARTS:
+        model = model.to(memory_format=memory_format(part=part, choice=choice))
     return model.eval().requires_grad_(False)
 
 

@@ -250,7 +250,8 @@ class Panel:
         self._set_model_controls(self._family_of(model) or "sd1")
         self.show(settings or GenerationSettings(prompt="a red circle on a white background", steps=20, seed=1,
                                                  width=self.controls["width"].value,
-                                                 height=self.controls["height"].value))
+                                                 height=self.controls["height"].value),
+                  groups=settings is not None)  # without settings, each group keeps the state it was built with
         if auto_run is not None:
             self.auto_run.value = auto_run
         self._quiet -= 1
@@ -329,8 +330,9 @@ class Panel:
             check_sampler(run)
         return runs
 
-    def show(self, settings: GenerationSettings) -> None:
-        """Put settings into the controls (the gallery's "use these settings"); one re-render if auto-run is on."""
+    def show(self, settings: GenerationSettings, *, groups: bool = True) -> None:
+        """Put settings into the controls (the gallery's "use these settings"), and into the groups' controls unless
+        groups=False; one re-render if auto-run is on."""
         notes = []
         self._quiet += 1
         try:
@@ -348,7 +350,7 @@ class Panel:
                     notes.append(f"{name} {value!r} is not offered here; kept {control.value!r}")
                     continue
                 control.value = value
-            for group in self.groups:
+            for group in self.groups if groups else ():
                 group.show(settings)
         finally:
             self._quiet -= 1
@@ -520,7 +522,7 @@ class Panel:
             notes = self._make(pipe, job)
             self.status.value = self._message(
                 f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
-                f"change)." + "".join(f" Note: {note}." for note in notes), "info")
+                f"change)." + "".join(f" Note: {note.rstrip('.')}." for note in notes), "info")
         except Cancelled:
             self.progress.bar_style = "warning"
             if self._pending is None:  # a newer request replaced this run: its own status follows

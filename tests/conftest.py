@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# A speed measurement of its own (none at first): the user's saved one neither changes tests nor gets overwritten.
+os.environ["SDKIT_CACHE"] = tempfile.mkdtemp(prefix="sdkit-test-cache-")
 
 
 @pytest.fixture(scope="session")

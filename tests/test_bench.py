@@ -157,3 +157,19 @@ def test_fast_mode_quality_compares_both_runs_on_shapes():
     row = {"size": 512, "full": "20 steps", "fast": "10 steps", "seconds": {"full": 80.0, "fast": 27.0},
            "speedup": 2.96, "quality": cost}
     assert "2.96x" in bench.format_fast(row)
+
+
+def test_token_merging_steps_time_both_ways_at_each_size():
+    from sdkit import checkpoints
+
+    unet = checkpoints.load("shapes-v1").unet
+    rows = bench.token_merging_steps(unet, sizes=(64, 128), ratio=0.5, rounds=1)
+    assert [row["size"] for row in rows] == [64, 128]
+    for row in rows:
+        assert row["seconds_off"] > 0 and row["seconds_on"] > 0 and row["speedup"] > 0 and row["rounds"] == 1
+    assert all("forward" not in module.__dict__ for module in unet.modules())  # merging is off again after timing
+    text = bench.format_fast({"size": 64, "full": "a", "fast": "b", "seconds": {"full": 2.0, "fast": 1.0},
+                              "speedup": 2.0, "token_merging": rows,
+                              "quality": {"model": "m", "images": 1, "accuracy": {"full": 1, "fast": 1},
+                                          "psnr_db": 20.0, "ssim": 0.5, "pairs": 1}})
+    assert "token merging 50% alone, UNet step with CFG at 128²" in text

@@ -195,3 +195,12 @@ def test_a_pipeline_that_cannot_drop_its_control_image_keeps_cfg():
         _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
     assert not fast.can_stop_cfg(Controlled()) and fast.can_stop_cfg(Plain())
+
+
+def test_a_panel_built_with_fast_mode_on_makes_fast_pictures():
+    from sdkit import widgets
+
+    panel = widgets.Panel("shapes-v1", groups=[fast.control_group(on=True)], auto_run=False)
+    settings = panel.settings()
+    assert (settings.deep_cache, settings.cfg_until, settings.token_merging) == (2, 0.5, 0.5)
+    assert settings.steps == 10 and settings.sampler == "dpmpp_2m"

@@ -34,7 +34,7 @@ def test_every_control_is_a_settings_field():
     names = {f.name for f in dataclasses.fields(GenerationSettings)}
     assert set(widgets.CONTROLS) <= names
     groups = {"strength", "init_image", "hires_scale", "hires_steps", "hires_upscaler",
-              "controlnets", "deep_cache", "cfg_until"}  # lessons' groups (hires, ControlNet, fast mode), not the core
+              "controlnets", "deep_cache", "cfg_until", "token_merging"}  # lessons' groups (hires, ControlNet, fast mode), not the core
     assert set(widgets.CONTROLS) == names - {"batch_size", "extra"} - groups
 
 

@@ -100,14 +100,17 @@ print(f"latent relative error {q['latent_relative_error']:.4f}, decoded images P
 # %% [markdown]
 # ## 6. Fast mode: fewer FLOPs per image
 #
-# When the step cannot get faster, do fewer of them, or make some of them smaller. Fast mode makes three trades,
+# When the step cannot get faster, do fewer of them, or make some of them smaller. Fast mode makes four trades,
 # each a setting the picture's text records:
 #
 # * **half the steps** with DPM++ 2M Karras, a sampler that gets as far in 10 steps as euler does in 20;
 # * **DeepCache**: the UNet's deep blocks run every 2nd step; in between only the outermost blocks run and the deep
 #   features of the step before are reused (they change slowly from step to step);
 # * **CFG until 50%**: after half the steps the negative prompt's pass stops (the layout is settled by then), so
-#   each step runs the UNet once instead of twice.
+#   each step runs the UNet once instead of twice;
+# * **token merging 50%** (ToMe, as A1111's "Token merging ratio"): in the largest self-attention, half the tokens
+#   (picture patches) are averaged into a similar neighbour before the attention and copied back after it. The
+#   attention's cost grows with the square of the token count, so this pays little at 512x512 and most at large sizes.
 #
 # What it costs is measured, not promised: the same prompts and seeds with and without it, judged by the shapes
 # detector, and the pixel difference (PSNR; a different sampler alone already changes the pixels).
@@ -134,7 +137,7 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 # %% [markdown]
 # On the real SD1.5 UNet the trades pay more than on this small model, because there most of the time is the
 # big first level (which DeepCache keeps) and the CFG pass (which stops). `python -m sdkit bench --fast-mode` times a
-# 512x512 image both ways; the README has the measurement. The panel at the end has fast mode's switch and dials.
+# 512x512 image both ways, and token merging alone at 512 and 1024; the README has the measurement. The panel at the end has fast mode's switch and dials.
 #
 # ## 7. Other CPU engines
 #
@@ -152,8 +155,8 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 #   seconds.
 # * Matching the number format to the CPU (bf16 on AMX / AVX512-BF16 machines, fp32 elsewhere) is the biggest
 #   single win on a CPU; `sdkit.device` makes that choice and says why.
-# * Fewer FLOPs per image is the other lever: fast mode (fewer steps, DeepCache, CFG only while it matters) trades a
-#   little of the picture for time, and says exactly what it traded.
+# * Fewer FLOPs per image is the other lever: fast mode (fewer steps, DeepCache, CFG only while it matters, token
+#   merging) trades a little of the picture for time, and says exactly what it traded.
 # * `python -m sdkit bench` measures every part (text encoders, UNets, VAE decoders) and whole generations on your
 #   machine; the README has the table measured on the project's machine.
 

@@ -1,0 +1,149 @@
+"""Measured speed choices: which number format and memory layout run this machine's UNet fastest, timed once on a
+UNet level with SD1.5's first-level shapes and kept in a file, so later loads use the measured pick and
+`python -m sdkit device` says what was measured.
+
+The CPU's features give the first guess (`device.choose`: bf16 where AMX or AVX512-BF16 exist, channels-last for
+convolutions); a measurement replaces it only when another candidate is clearly faster here (MARGIN), because a
+shared machine's timings jitter. `python -m sdkit device --measure` (run by `make lab`) measures and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+
+from sdkit.errors import SdkitError
+
+LAYOUTS = ("channels_last", "contiguous")
+MARGIN = 1.10  # a candidate replaces the CPU-feature guess only when at least 10% faster in the measurement
+LATENT = 32  # latent side of the timed call (a 256² picture): big enough for oneDNN's choices to show, quick to time
+VERSION = 1  # of the file's layout
+
+
+def cache_file() -> Path:
+    """Where the measurement is kept: $SDKIT_CACHE/speed.json (default ~/.cache/sdkit)."""
+    return Path(os.environ.get("SDKIT_CACHE") or "~/.cache/sdkit").expanduser() / "speed.json"
+
+
+def machine_key(report) -> str:
+    """What a measurement belongs to: the CPU, the threads torch uses and torch's version."""
+    import torch
+
+    return f"{report.cpu} | {torch.get_num_threads()} threads | torch {report.torch_version}"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Seconds of one timed call per candidate ('bfloat16 channels_last', ...), the best of its rounds."""
+
+    key: str
+    day: str
+    seconds: dict[str, float]
+    version: int = VERSION
+
+    def fastest(self) -> tuple[str, str]:
+        """(dtype, layout) of the fastest candidate."""
+        dtype, layout = min(self.seconds, key=self.seconds.__getitem__).split()
+        return dtype, layout
+
+    def pick(self, *, dtype: str, layout: str) -> tuple[str, str]:
+        """The guess (dtype, layout), or the fastest candidate where it beats the guess by MARGIN."""
+        guess = self.seconds.get(f"{dtype} {layout}")
+        best = self.fastest()
+        if guess is None or self.seconds[" ".join(best)] * MARGIN < guess:
+            return best
+        return dtype, layout
+
+    def describe(self, *, dtype: str, layout: str) -> str:
+        """One line: what was measured, and whether it kept or changed the guess."""
+        times = ", ".join(f"{name.replace('bfloat16', 'bf16').replace('float32', 'fp32').replace('_', '-')} {s:.2f} s"
+                          for name, s in sorted(self.seconds.items(), key=lambda item: item[1]))
+        picked = self.pick(dtype=dtype, layout=layout)
+        verdict = ("keeps that" if picked == (dtype, layout) else
+                   f"so {picked[0]} {picked[1].replace('_', '-')} instead (over {MARGIN - 1:.0%} faster)")
+        return (f"measured here on {self.day} (one SD1.5 first-level UNet call at {LATENT * 8}²: {times}); "
+                f"{verdict}")
+
+
+def candidates(report) -> list[tuple[str, str]]:
+    """(dtype, layout) pairs worth timing here: bf16 only where the CPU has bf16 units (elsewhere it is emulated)."""
+    dtypes = ["bfloat16", "float32"] if report.cpu_has_bf16 else ["float32"]
+    return [(dtype, layout) for dtype in dtypes for layout in LAYOUTS]
+
+
+def _level():
+    """One UNet level at SD1.5's first-level widths (320 channels, 8 heads, CLIP-L context): the UNet's costliest."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    return UNet2DConditionModel(sample_size=LATENT, block_out_channels=(320,), layers_per_block=1,
+                                down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
+                                mid_block_type=None, cross_attention_dim=768, attention_head_dim=8).eval()
+
+
+def measure(report=None, *, rounds: int = 3, progress: bool = True) -> Measurement:
+    """Time every candidate, round by round (a slow spell falls on all alike), save and return the measurement."""
+    import torch
+    from diffusers.utils import logging
+    from tqdm.auto import tqdm
+
+    from sdkit import device
+
+    report = report or device.report()
+    if report.accelerator != "none":
+        raise SdkitError(f"sdkit runs on the {report.accelerator} GPU here; the CPU measurement does not apply.",
+                         fix="nothing to do: the GPU's precision is chosen by its features")
+    level, pairs = _level(), candidates(report)
+    formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    times: dict[str, list[float]] = {f"{dtype} {layout}": [] for dtype, layout in pairs}
+    level_before = logging.get_verbosity()
+    logging.set_verbosity_error()  # its note on casting a model with `to()` is about its own loaders
+    try:
+        with torch.inference_mode(), tqdm(total=rounds * len(pairs), desc="measuring", disable=not progress) as bar:
+            for round_ in range(rounds):
+                for dtype, layout in pairs:
+                    kind = getattr(torch, dtype)
+                    model = level.to(dtype=kind, memory_format=formats[layout])
+                    sample = torch.randn(2, 4, LATENT, LATENT, dtype=kind).contiguous(memory_format=formats[layout])
+                    context = torch.randn(2, 77, 768, dtype=kind)
+                    if round_ == 0:  # the first call in a format picks kernels and allocates: not timed
+                        model(sample, 500, context)
+                    started = time.perf_counter()
+                    model(sample, 500, context)
+                    times[f"{dtype} {layout}"].append(time.perf_counter() - started)
+                    bar.update()
+    finally:
+        logging.set_verbosity(level_before)
+    result = Measurement(key=machine_key(report), day=date.today().isoformat(),
+                         seconds={name: round(min(t), 4) for name, t in times.items()})
+    save(result)
+    return result
+
+
+def save(measurement: Measurement) -> Path:
+    """Write the measurement to cache_file() (a temporary file renamed over it, so a reader never sees half)."""
+    path = cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(asdict(measurement), indent=2))
+    partial.replace(path)
+    return path
+
+
+def load(report) -> Measurement | None:
+    """The saved measurement for this machine, or None (none yet, another machine's or torch's, or unreadable)."""
+    path = cache_file()
+    try:
+        data = json.loads(path.read_text())
+        found = Measurement(**data)
+        if found.version != VERSION or not found.seconds or not all(
+                isinstance(s, (int, float)) and s > 0 and len(n.split()) == 2 for n, s in found.seconds.items()):
+            return None
+    except (OSError, ValueError, TypeError):
+        return None
+    return found if found.key == machine_key(report) else None

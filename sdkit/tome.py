@@ -1,0 +1,133 @@
+"""Token merging (ToMe for SD, Bolya & Hoffman 2023): the UNet's self-attention at its largest size runs on fewer
+tokens. Similar tokens are averaged before the attention and copied back after it, so the attention's cost, which
+grows with the square of the token count, falls fastest at large picture sizes.
+
+Written here because the `tomesd` package patches diffusers by copying an old `BasicTransformerBlock.forward`, which
+current diffusers no longer matches; this stands in for the self-attention modules' `forward` only. Its choices are
+A1111's: self-attention only, 2x2 cells, each cell's top-left token kept (no randomness, so a seed repeats), and the
+ratio written as "Token merging ratio" in the picture's text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from sdkit.errors import SdkitError
+
+if TYPE_CHECKING:
+    import torch
+
+MAX_RATIO = 0.75  # with one kept token per 2x2 cell, at most 3 of every 4 tokens can merge into another
+
+
+def matching(metric: torch.Tensor, *, height: int, width: int, ratio: float) -> tuple[Callable, Callable]:
+    """merge and unmerge functions for tokens laid out height x width: each of `ratio` x N tokens is averaged into
+    the most similar kept token (one kept per 2x2 cell, the top-left one); unmerge copies the result back."""
+    import torch  # here, not at the top: generate imports this module for MAX_RATIO, and stays quick to import
+
+    batch, count, _ = metric.shape
+    rows, cols = height // 2, width // 2
+    merges = min(int(count * ratio), count - rows * cols)
+    if merges <= 0 or rows * cols == 0:  # a picture one token high or wide has no 2x2 cell to merge into
+        return (lambda x: x), (lambda x: x)
+    # Which tokens are kept (dst) and which may merge (src): the top-left of each 2x2 cell is kept, the rest and any
+    # odd last row or column may merge.
+    grid = torch.ones(height, width, dtype=torch.bool, device=metric.device)
+    grid[: rows * 2 : 2, : cols * 2 : 2] = False
+    order = torch.argsort(grid.flatten().to(torch.int8), stable=True)  # kept tokens first, in raster order
+    kept, mergeable = order[: rows * cols], order[rows * cols :]
+    with torch.no_grad():
+        normed = metric / metric.norm(dim=-1, keepdim=True)
+        scores = normed[:, mergeable] @ normed[:, kept].transpose(-1, -2)
+        best, partner = scores.max(dim=-1)
+        ranked = best.argsort(dim=-1, descending=True)[..., None]
+        stays, goes = ranked[:, merges:], ranked[:, :merges]  # indices into `mergeable`
+        target = partner[..., None].gather(1, goes)  # indices into `kept`
+
+    def merge(x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[-1]
+        src, dst = x[:, mergeable], x[:, kept]
+        unmerged = src.gather(1, stays.expand(-1, -1, channels))
+        moved = src.gather(1, goes.expand(-1, -1, channels))
+        dst = dst.scatter_reduce(1, target.expand(-1, -1, channels), moved, reduce="mean")
+        return torch.cat([unmerged, dst], dim=1)
+
+    def unmerge(x: torch.Tensor) -> torch.Tensor:
+        channels, left = x.shape[-1], stays.shape[1]
+        unmerged, dst = x[:, :left], x[:, left:]
+        out = x.new_empty(batch, count, channels)
+        out[:, kept] = dst
+        out.scatter_(1, mergeable[stays].expand(-1, -1, channels), unmerged)
+        out.scatter_(1, mergeable[goes].expand(-1, -1, channels), dst.gather(1, target.expand(-1, -1, channels)))
+        return out
+
+    return merge, unmerge
+
+
+def _attention_levels(unet) -> list[tuple[int, torch.nn.Module]]:
+    """(downsampling factor, self-attention module) for each transformer block of the UNet."""
+    found = []
+    blocks = [(2**i, block) for i, block in enumerate(unet.down_blocks)]
+    last = len(unet.up_blocks) - 1
+    blocks += [(2**last, unet.mid_block)] if unet.mid_block is not None else []
+    blocks += [(2 ** (last - i), block) for i, block in enumerate(unet.up_blocks)]
+    for factor, block in blocks:
+        for module in block.modules():
+            if hasattr(module, "attn1") and hasattr(module, "attn2"):  # diffusers' BasicTransformerBlock
+                found.append((factor, module.attn1))
+    return found
+
+
+class TokenMerging:
+    """Token merging on a UNet's self-attention at its largest attention size (SD1: the full latent, SDXL: half)."""
+
+    def __init__(self, unet, *, ratio: float) -> None:
+        levels = _attention_levels(unet)
+        if not levels:
+            raise SdkitError("Token merging needs a UNet with self-attention; this one has none.",
+                             fix="set token_merging=0 for this model")
+        self.unet, self.ratio = unet, ratio
+        self.factor = min(factor for factor, _ in levels)
+        self.modules = [module for factor, module in levels if factor == self.factor]
+        self.size = (0, 0)
+
+    def _before(self, _module, args, kwargs) -> None:
+        """Note the latent's height and width before each UNet call."""
+        sample = args[0] if args else kwargs["sample"]
+        self.size = tuple(sample.shape[-2:])
+
+    def _stand_in(self, forward):
+        """The self-attention's forward on merged tokens."""
+
+        def run(hidden_states, *args, **kwargs):
+            height, width = (math.ceil(side / self.factor) for side in self.size)
+            if hidden_states.ndim != 3 or height * width != hidden_states.shape[1]:
+                return forward(hidden_states, *args, **kwargs)
+            merge, unmerge = matching(hidden_states, height=height, width=width, ratio=self.ratio)
+            return unmerge(forward(merge(hidden_states), *args, **kwargs))
+
+        return run
+
+    def __enter__(self) -> "TokenMerging":
+        self._hook = self.unet.register_forward_pre_hook(self._before, with_kwargs=True)
+        for module in self.modules:
+            module.forward = self._stand_in(module.forward)  # an instance attribute shadows the class's method
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._hook.remove()
+        for module in self.modules:
+            del module.forward
+
+
+@contextlib.contextmanager
+def token_merging(unet, *, ratio: float) -> Iterator[TokenMerging | None]:
+    """Token merging on `unet` for the duration (nothing when ratio is 0)."""
+    if ratio <= 0:
+        yield None
+        return
+    with TokenMerging(unet, ratio=ratio) as merging:
+        yield merging

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdkit import device, speed
+from sdkit.__main__ import main
+from sdkit.optimize import memory_format, prepare
+
+
+def make_report(**changes) -> device.DeviceReport:
+    base = dict(cpu="test cpu", cores=2, threads=2, ram_gib=8.0, isa=["AVX512-BF16", "AVX512"], accelerator="none",
+                accelerator_name="", torch_version="x")
+    return device.DeviceReport(**(base | changes))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDKIT_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def saved(report, **seconds) -> speed.Measurement:
+    found = speed.Measurement(key=speed.machine_key(report), day="2026-11-27",
+                              seconds={name.replace("__", " "): s for name, s in seconds.items()})
+    speed.save(found)
+    return found
+
+
+def test_without_a_measurement_the_cpu_features_decide(cache):
+    choices = device.choose(make_report())
+    assert {(c.dtype, c.layout) for c in choices.values()} == {("bfloat16", "channels_last")}
+    assert "not measured yet" in str(make_report(choices=choices))
+
+
+def test_a_clearly_faster_candidate_replaces_the_guess_and_says_so(cache):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=0.8, float32__channels_last=2.0,
+          float32__contiguous=2.1)
+    choices = device.choose(report)
+    unet = choices["unet"]
+    assert (unet.dtype, unet.layout) == ("bfloat16", "contiguous")
+    assert "measured here on 2026-11-27" in unet.reason and "contiguous instead" in unet.reason
+    assert memory_format(part="unet", choice=unet) == torch.contiguous_format
+    conv = prepare(torch.nn.Conv2d(4, 4, 3), part="unet", choice=unet)
+    assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous()
+
+
+def test_a_candidate_within_the_margin_keeps_the_guess(cache):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=0.95, float32__channels_last=2.0,
+          float32__contiguous=2.1)
+    unet = device.choose(report)["unet"]
+    assert (unet.dtype, unet.layout) == ("bfloat16", "channels_last") and "keeps that" in unet.reason
+    assert memory_format(part="unet", choice=unet) == torch.channels_last
+
+
+def test_measured_fp32_beats_emulated_bf16_only_when_clearly_faster(cache):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=1.1, float32__channels_last=0.5,
+          float32__contiguous=0.6)
+    vae = device.choose(report)["vae"]
+    assert (vae.dtype, vae.layout) == ("float32", "channels_last")
+    assert vae.reason.startswith("the CPU's features suggest bfloat16")
+
+
+@pytest.mark.parametrize("text", ["not json", json.dumps({"key": "k"}), json.dumps([1, 2]),
+                                  json.dumps({"key": "k", "day": "d", "seconds": {"bfloat16": -1}})])
+def test_an_unreadable_file_is_ignored(cache, text):
+    (cache / "speed.json").write_text(text)
+    assert speed.load(make_report()) is None
+    assert device.choose(make_report())["unet"].layout == "channels_last"
+
+
+def test_another_machines_measurement_is_ignored(cache):
+    saved(make_report(cpu="another cpu"), bfloat16__channels_last=1.0, float32__contiguous=0.1)
+    assert speed.load(make_report()) is None
+    assert device.choose(make_report())["unet"].dtype == "bfloat16"
+
+
+def test_sdkit_dtype_still_wins(cache, monkeypatch):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, float32__channels_last=0.2)
+    monkeypatch.setenv("SDKIT_DTYPE", "bfloat16")
+    assert device.choose(report)["unet"].dtype == "bfloat16"
+
+
+def test_measure_times_every_candidate_and_saves(cache, monkeypatch):
+    monkeypatch.setattr(speed, "LATENT", 8)  # the real size takes seconds; the code path is the same
+    report = make_report()
+    found = speed.measure(report, rounds=1, progress=False)
+    assert set(found.seconds) == {f"{d} {l}" for d, l in speed.candidates(report)}
+    assert all(s > 0 for s in found.seconds.values())
+    assert speed.load(report) == found and (cache / "speed.json").exists()
+    assert not (cache / "speed.json.partial").exists()
+
+
+def test_fp32_only_cpus_time_only_the_layouts():
+    assert speed.candidates(make_report(isa=["AVX2"])) == [("float32", "channels_last"), ("float32", "contiguous")]
+
+
+def test_cli_measures_then_reports(cache, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "LATENT", 8)
+    try:
+        assert main(["device", "--measure", "--json"]) == 0
+    finally:
+        device.report.cache_clear()  # later tests see the session's own (empty) cache again
+    data = json.loads(capsys.readouterr().out)
+    assert "measured here" in data["choices"]["unet"]["reason"]
+    assert data["choices"]["unet"]["layout"] in speed.LAYOUTS
