@@ -47,7 +47,8 @@ def lab(tmp_path_factory):
     port, token = _free_port(), secrets.token_hex(16)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "JUPYTER_CONFIG_DIR": str(work / "config"),
                         "JUPYTERLAB_SETTINGS_DIR": str(work / "settings"),
-                        "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"), "JUPYTER_RUNTIME_DIR": str(work / "rt")}
+                        "JUPYTERLAB_WORKSPACES_DIR": str(work / "workspaces"), "JUPYTER_RUNTIME_DIR": str(work / "rt"),
+                        "SDKIT_CACHE": str(work / "cache")}  # no saved speed measurement: the CPU-feature guesses
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
                f"--IdentityProvider.token={token}", f"--notebook-dir={work / 'notebooks'}"]
     if os.geteuid() == 0:

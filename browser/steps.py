@@ -21,6 +21,11 @@ def wait_gallery(page: Page, count: int, *, timeout_s: float = STEP_S) -> None:
                            timeout=timeout_s * 1000)
 
 
+def newest_parameters(page: Page) -> str:
+    """The parameters text of the newest picture in the gallery (in its closed <details>)."""
+    return page.locator(".sdkit-gallery-item pre").first.text_content()
+
+
 def status(page: Page) -> str:
     return page.locator(".sdkit-status").inner_text()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
-from steps import failure_report, gallery_count, run_until_panel, set_readout, wait_gallery
+from steps import failure_report, gallery_count, newest_parameters, run_until_panel, set_readout, wait_gallery
 
 NOTEBOOK = "05_controlnet.ipynb"
 RUN_ALL_S = 360  # notebook 05 takes ~95 s on 2 cores, measuring placement; a slow CI machine gets room
@@ -19,11 +19,6 @@ STEP_S = 60
 def page(open_page, shots):
     with open_page(NOTEBOOK, profile="chromium-profile-05") as page:
         yield page
-
-
-def newest_parameters(page: Page) -> str:
-    """The parameters text of the newest picture in the gallery (in its closed <details>)."""
-    return page.locator(".sdkit-gallery-item pre").first.text_content()
 
 
 def test_learner_moves_the_layout_and_the_weight(page: Page, shots: Path, lab):

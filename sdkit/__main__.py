@@ -14,7 +14,10 @@ from sdkit.errors import SdkitError
 def _device(args: argparse.Namespace) -> None:
     from sdkit.device import report
 
-    if args.measure:
+    if args.measure and report().accelerator != "none":
+        print(f"Not measured: sdkit runs on the {report().accelerator} GPU here, whose precision its features decide.",
+              file=sys.stderr)
+    elif args.measure:
         from sdkit import speed
 
         if args.measure == "always" or speed.load(report()) is None:
@@ -195,7 +198,9 @@ def _bench(args: argparse.Namespace) -> None:
         from sdkit.paths import ModelPaths
 
         checkpoint = ModelPaths.from_root(args.root).find("checkpoints", args.checkpoint) if args.checkpoint else None
-        result = peers.run(checkpoint=checkpoint, size=args.size, rounds=args.rounds or 5, progress=not args.json)
+        engines = [e.strip() for e in args.engines.split(",") if e.strip()] if args.engines else None
+        result = peers.run(engines=engines, checkpoint=checkpoint, size=args.size, rounds=args.rounds or 5,
+                           progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else peers.format_table(result))
         return
     if args.fast_mode:
@@ -318,6 +323,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--fast-mode", action="store_true",
                    help="only fast mode: one SD1.5 image full and fast, and its quality cost on shapes-v1")
     s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
+    s.add_argument("--engines", help="with --peers: which engines, comma-separated (default: all installed but the "
+                                     "fp32-forced sdkit_fp32 and openvino_f32)")
     s.add_argument("--size", type=int, default=512, help="with --peers or --fast-mode: image side in pixels")
     s.add_argument("--rounds", type=int, help="with --peers (default 5) or --fast-mode (default 1): interleaved rounds")
     s.add_argument("--json", action="store_true")

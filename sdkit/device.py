@@ -165,18 +165,21 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
 
 
 def _measured(report: DeviceReport, guesses: dict[str, Choice]) -> dict[str, Choice]:
-    """The CPU-feature guesses, or the measured pick where `python -m sdkit device --measure` found a faster one."""
+    """The CPU-feature guesses, or the measured pick where `python -m sdkit device --measure` found a faster one:
+    its precision for every part, its memory layout for the UNet (the part it timed; the VAE's larger convolutions
+    keep channels-last)."""
     from sdkit import speed
 
     measurement = speed.load(report)
     if measurement is None:
         return guesses
+    unet = guesses["unet"]
+    dtype, layout = measurement.pick(dtype=unet.dtype, layout=unet.layout)
+    line = measurement.describe(dtype=unet.dtype, layout=unet.layout)
     choices = {}
     for name, guess in guesses.items():
-        dtype, layout = measurement.pick(dtype=guess.dtype, layout=guess.layout)
-        line = measurement.describe(dtype=guess.dtype, layout=guess.layout)
         reason = f"{guess.reason}; {line}" if dtype == guess.dtype else f"the CPU's features suggest {guess.dtype}; {line}"
-        choices[name] = Choice("cpu", dtype, reason, layout=layout)
+        choices[name] = Choice("cpu", dtype, reason, layout=layout if name == "unet" else guess.layout)
     return choices
 
 

@@ -215,6 +215,7 @@ def control_group(*, on: bool = False):
             self.switch.value = is_on(settings)
             self.fewer.value = False
             self.interval.value, self.until.value = settings.deep_cache, settings.cfg_until
+            self.merging.max = max(MAX_RATIO, settings.token_merging)  # an A1111 picture's 0.9 shown, not clamped
             self.merging.value = settings.token_merging
 
     return FastGroup()

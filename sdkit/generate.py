@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from sdkit import fast
 from sdkit.errors import SdkitError
-from sdkit.tome import MAX_RATIO, token_merging
+from sdkit.tome import token_merging
 
 SIZE_MIN, SIZE_MAX = 8, 4096
 
@@ -128,7 +128,7 @@ class GenerationSettings:
 WHOLE_NUMBERS = {"seed": None, "steps": 1000, "width": None, "height": None, "batch_size": 100, "clip_skip": None,
                  "hires_steps": 1000, "deep_cache": 10}
 REAL_NUMBERS = {"cfg": (0.0, 100.0), "strength": (-math.inf, math.inf), "hires_scale": (-math.inf, math.inf),
-                "cfg_until": (0.0, 1.0), "token_merging": (0.0, MAX_RATIO)}
+                "cfg_until": (0.0, 1.0), "token_merging": (0.0, 1.0)}  # A1111 allows up to 0.9; over 0.75 merges no more
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(GenerationSettings)
             if f.name in WHOLE_NUMBERS or f.name in REAL_NUMBERS}  # the usable value each error suggests
 

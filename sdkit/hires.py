@@ -5,8 +5,9 @@
 
 The pass itself is `GenerationSettings(hires_scale=..., strength=..., hires_steps=..., hires_upscaler=...)` in
 `sdkit.generate`; this group only sets those fields from sliders and reads them back from a picture's settings. As with every group,
-the panel's settings decide what it shows at the start (the group's own arguments are the values it offers when
-the learner turns the hires fix on).
+a panel given settings shows them at the start (here: the hires fix off unless they have hires_scale > 1, the
+group's own arguments then being the values it offers when the learner turns it on); a panel without settings
+shows each group as it was built.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ class Engine:
     package: str | None  # the optional package it needs (None: sdkit itself)
     precision: str  # what the worker is told: "auto" = the engine's own choice
     label: str
+    default: bool = True  # timed unless `engines` names others
 
 
 ENGINES = {e.name: e for e in [
@@ -50,6 +51,9 @@ ENGINES = {e.name: e for e in [
     Engine("openvino_bf16", "openvino", "bf16", "OpenVINO, static shapes, bf16 forced"),
     Engine("sdcpp_f16", "sdcpp", "f16", "stable-diffusion.cpp, f16 weights"),
     Engine("sdcpp_q8_0", "sdcpp", "q8_0", "stable-diffusion.cpp, q8_0 weights"),
+    # Both in fp32, as every engine runs on a CPU without bf16 units (AVX2 laptops): on request only.
+    Engine("sdkit_fp32", None, "f32", "sdkit, fp32 forced (SDKIT_DTYPE=float32)", default=False),
+    Engine("openvino_f32", "openvino", "f32", "OpenVINO, static shapes, fp32 forced", default=False),
 ]}
 
 
@@ -142,7 +146,10 @@ def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, siz
 
     report = device.report()
     here, missing = available(bf16=report.cpu_has_bf16)
-    engines = [e for e in (engines or here) if e in here]
+    unknown = [e for e in engines or () if e not in ENGINES]
+    if unknown:
+        raise SdkitError(f"{', '.join(unknown)}: not an engine the bench knows.", fix=f"use {', '.join(ENGINES)}")
+    engines = [e for e in (engines or [n for n in here if ENGINES[n].default]) if e in here]
     threads = threads or torch.get_num_threads()
     result: dict = {"machine": {"cpu": report.cpu, "cores": report.cores, "isa": report.isa, "threads": threads,
                                 "torch": report.torch_version},
@@ -245,6 +252,8 @@ class _SdkitRunner:
 
         from sdkit import checkpoints, device
 
+        if precision == "f32":
+            os.environ["SDKIT_DTYPE"] = "float32"  # this worker process only
         self.pipe = checkpoints.load(checkpoint)
         self.size, self.torch = size, torch
         choice = device.choose(device.report())["unet"]
@@ -326,8 +335,8 @@ class _OpenvinoRunner:
             subprocess.run([sys.executable, "-m", "sdkit.peers", "convert-openvino", str(checkpoint), str(size),
                             str(ir)], check=True, stdout=sys.stderr)
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if precision == "bf16":
-            config["INFERENCE_PRECISION_HINT"] = "bf16"
+        if precision in ("bf16", "f32"):
+            config["INFERENCE_PRECISION_HINT"] = precision
         core = ov.Core()
         self.unet = {}
         for batch in (2, 1):  # one file, two static batch sizes; both map the same weights file

@@ -64,7 +64,7 @@ class Measurement:
                           for name, s in sorted(self.seconds.items(), key=lambda item: item[1]))
         picked = self.pick(dtype=dtype, layout=layout)
         verdict = ("keeps that" if picked == (dtype, layout) else
-                   f"so {picked[0]} {picked[1].replace('_', '-')} instead (over {MARGIN - 1:.0%} faster)")
+                   f"so {picked[0]} {picked[1].replace('_', '-')} instead (the guess took over {MARGIN - 1:.0%} longer)")
         return (f"measured here on {self.day} (one SD1.5 first-level UNet call at {LATENT * 8}²: {times}); "
                 f"{verdict}")
 
@@ -139,11 +139,11 @@ def load(report) -> Measurement | None:
     """The saved measurement for this machine, or None (none yet, another machine's or torch's, or unreadable)."""
     path = cache_file()
     try:
-        data = json.loads(path.read_text())
-        found = Measurement(**data)
-        if found.version != VERSION or not found.seconds or not all(
-                isinstance(s, (int, float)) and s > 0 and len(n.split()) == 2 for n, s in found.seconds.items()):
-            return None
+        found = Measurement(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    return found if found.key == machine_key(report) else None
+    names = {f"{dtype} {layout}" for dtype, layout in candidates(report)}
+    usable = (found.version == VERSION and found.key == machine_key(report) and isinstance(found.seconds, dict)
+              and found.seconds and set(found.seconds) <= names
+              and all(isinstance(s, (int, float)) and s > 0 for s in found.seconds.values()))
+    return found if usable else None

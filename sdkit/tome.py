@@ -4,8 +4,11 @@ grows with the square of the token count, falls fastest at large picture sizes.
 
 Written here because the `tomesd` package patches diffusers by copying an old `BasicTransformerBlock.forward`, which
 current diffusers no longer matches; this stands in for the self-attention modules' `forward` only. Its choices are
-A1111's: self-attention only, 2x2 cells, each cell's top-left token kept (no randomness, so a seed repeats), and the
-ratio written as "Token merging ratio" in the picture's text.
+A1111's (tomesd with use_rand=False, merge_attn only): self-attention only, 2x2 cells, each cell's top-left token
+kept (no randomness, so a seed repeats), tokens matched on the transformer block's input, and the ratio written as
+"Token merging ratio" in the picture's text. One difference: tomesd merges only at the full latent size
+(max_downsample=1), where SDXL has no attention, so A1111's SDXL pictures merge nothing; sdkit merges at SDXL's
+largest attention (half the latent), where the time goes.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ from sdkit.errors import SdkitError
 if TYPE_CHECKING:
     import torch
 
-MAX_RATIO = 0.75  # with one kept token per 2x2 cell, at most 3 of every 4 tokens can merge into another
+MAX_RATIO = 0.75  # with one kept token per 2x2 cell, at most 3 of every 4 tokens can merge (a higher ratio, which
+# A1111 allows, merges no more at even sizes: `matching` caps it as tomesd does)
 
 
 def matching(metric: torch.Tensor, *, height: int, width: int, ratio: float) -> tuple[Callable, Callable]:
     """merge and unmerge functions for tokens laid out height x width: each of `ratio` x N tokens is averaged into
     the most similar kept token (one kept per 2x2 cell, the top-left one); unmerge copies the result back."""
-    import torch  # here, not at the top: generate imports this module for MAX_RATIO, and stays quick to import
+    import torch  # here, not at the top: generate imports this module and stays quick to import
 
     batch, count, _ = metric.shape
     rows, cols = height // 2, width // 2
@@ -68,7 +72,7 @@ def matching(metric: torch.Tensor, *, height: int, width: int, ratio: float) -> 
 
 
 def _attention_levels(unet) -> list[tuple[int, torch.nn.Module]]:
-    """(downsampling factor, self-attention module) for each transformer block of the UNet."""
+    """(downsampling factor, transformer block) for each of the UNet's diffusers BasicTransformerBlocks."""
     found = []
     blocks = [(2**i, block) for i, block in enumerate(unet.down_blocks)]
     last = len(unet.up_blocks) - 1
@@ -77,7 +81,7 @@ def _attention_levels(unet) -> list[tuple[int, torch.nn.Module]]:
     for factor, block in blocks:
         for module in block.modules():
             if hasattr(module, "attn1") and hasattr(module, "attn2"):  # diffusers' BasicTransformerBlock
-                found.append((factor, module.attn1))
+                found.append((factor, module))
     return found
 
 
@@ -91,36 +95,55 @@ class TokenMerging:
                              fix="set token_merging=0 for this model")
         self.unet, self.ratio = unet, ratio
         self.factor = min(factor for factor, _ in levels)
-        self.modules = [module for factor, module in levels if factor == self.factor]
+        self.blocks = [block for factor, block in levels if factor == self.factor]
         self.size = (0, 0)
+        self.tokens: dict[int, torch.Tensor] = {}  # per block: its input, which decides the matching (as in tomesd)
 
     def _before(self, _module, args, kwargs) -> None:
         """Note the latent's height and width before each UNet call."""
         sample = args[0] if args else kwargs["sample"]
         self.size = tuple(sample.shape[-2:])
 
-    def _stand_in(self, forward):
+    def _block_input(self, index: int):
+        """A pre-hook keeping the block's input: tomesd matches tokens on it, before the block's norm."""
+
+        def keep(_module, args, kwargs) -> None:
+            self.tokens[index] = args[0] if args else kwargs["hidden_states"]
+
+        return keep
+
+    def _stand_in(self, index: int, forward):
         """The self-attention's forward on merged tokens."""
 
         def run(hidden_states, *args, **kwargs):
             height, width = (math.ceil(side / self.factor) for side in self.size)
-            if hidden_states.ndim != 3 or height * width != hidden_states.shape[1]:
+            metric = self.tokens.pop(index, None)
+            if (hidden_states.ndim != 3 or height * width != hidden_states.shape[1] or kwargs.get("attention_mask")
+                    is not None or metric is None or metric.shape != hidden_states.shape):
                 return forward(hidden_states, *args, **kwargs)
-            merge, unmerge = matching(hidden_states, height=height, width=width, ratio=self.ratio)
+            merge, unmerge = matching(metric, height=height, width=width, ratio=self.ratio)
             return unmerge(forward(merge(hidden_states), *args, **kwargs))
 
         return run
 
     def __enter__(self) -> "TokenMerging":
-        self._hook = self.unet.register_forward_pre_hook(self._before, with_kwargs=True)
-        for module in self.modules:
-            module.forward = self._stand_in(module.forward)  # an instance attribute shadows the class's method
+        self._hooks = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True)]
+        self._before_us = []
+        for index, block in enumerate(self.blocks):
+            self._hooks.append(block.register_forward_pre_hook(self._block_input(index), with_kwargs=True))
+            self._before_us.append(block.attn1.__dict__.get("forward"))
+            block.attn1.forward = self._stand_in(index, block.attn1.forward)  # shadows the class's method
         return self
 
     def __exit__(self, *_exc) -> None:
-        self._hook.remove()
-        for module in self.modules:
-            del module.forward
+        for hook in self._hooks:
+            hook.remove()
+        for block, earlier in zip(self.blocks, self._before_us):
+            if earlier is None:
+                del block.attn1.forward
+            else:
+                block.attn1.forward = earlier
+        self.tokens.clear()
 
 
 @contextlib.contextmanager

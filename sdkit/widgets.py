@@ -41,7 +41,8 @@ class ControlGroup:
     run it calls, in order: `update(settings)` to write this group's part of the settings; `variants(settings)` to
     turn one run into several (a side-by-side comparison); `prepare(pipe, settings)`, in the worker thread, before
     each image (load a LoRA, swap a VAE); and `compose(images, settings)` to make the picture shown. "Use these
-    settings" calls `show(settings)` to put an earlier image's values back into the controls.
+    settings" calls `show(settings)` to put an earlier image's values back into the controls, and so does a panel
+    built with settings (one built without them leaves each group as it was made).
     """
 
     title: str = ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # A speed measurement of its own (none at first): the user's saved one neither changes tests nor gets overwritten.
 os.environ["SDKIT_CACHE"] = tempfile.mkdtemp(prefix="sdkit-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SDKIT_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def test_without_bf16_units_bf16_is_not_forced():
 def test_a_missing_peer_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(peers, "version", lambda package: None)
     here, missing = peers.available(bf16=True)
-    assert here == ["sdkit"]
+    assert here == ["sdkit", "sdkit_fp32"]
     assert missing == [f"openvino is not installed: {peers.INSTALL}",
                        f"stable-diffusion-cpp-python is not installed: {peers.INSTALL}"]
 
@@ -62,3 +62,15 @@ def test_cfg_ratio_compares_sdkit_with_openvinos_fastest():
                         "openvino_bf16": {"unet_step_cfg": {"seconds": 3.6}}}}
     assert peers.cfg_ratio(result) == 1.1
     assert peers.cfg_ratio({"peers": {"sdkit": {"unet_step_cfg": {"seconds": 3.0}}}}) is None
+
+
+def test_fp32_engines_run_only_when_named(tiny_files):
+    assert not peers.ENGINES["sdkit_fp32"].default and not peers.ENGINES["openvino_f32"].default
+    result = peers.run(engines=["sdkit_fp32"], checkpoint=tiny_files["sd1"], size=64, rounds=1, progress=False)
+    assert set(result["peers"]) == {"sdkit_fp32"}
+    assert result["engines"]["sdkit_fp32"]["note"].startswith("float32: float32: set by SDKIT_DTYPE")
+
+
+def test_an_unknown_engine_is_named_with_the_choices():
+    with pytest.raises(SdkitError, match="sdkit_fp16: not an engine"):
+        peers.run(engines=["sdkit_fp16"], progress=False)

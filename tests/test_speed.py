@@ -46,6 +46,7 @@ def test_a_clearly_faster_candidate_replaces_the_guess_and_says_so(cache):
     assert memory_format(part="unet", choice=unet) == torch.contiguous_format
     conv = prepare(torch.nn.Conv2d(4, 4, 3), part="unet", choice=unet)
     assert conv.weight.dtype == torch.bfloat16 and conv.weight.is_contiguous()
+    assert choices["vae"].layout == "channels_last"  # the timed call was the UNet's: the VAE keeps the guess
 
 
 def test_a_candidate_within_the_margin_keeps_the_guess(cache):
@@ -66,8 +67,13 @@ def test_measured_fp32_beats_emulated_bf16_only_when_clearly_faster(cache):
     assert vae.reason.startswith("the CPU's features suggest bfloat16")
 
 
-@pytest.mark.parametrize("text", ["not json", json.dumps({"key": "k"}), json.dumps([1, 2]),
-                                  json.dumps({"key": "k", "day": "d", "seconds": {"bfloat16": -1}})])
+KEY = speed.machine_key(make_report())
+
+
+@pytest.mark.parametrize("text", ["not json", json.dumps({"key": KEY}), json.dumps([1, 2]),
+                                  json.dumps({"key": KEY, "day": "d", "seconds": {"bfloat16 contiguous": -1}}),
+                                  json.dumps({"key": KEY, "day": "d", "seconds": [1, 2]}),
+                                  json.dumps({"key": KEY, "day": "d", "seconds": {"float16 tiled": 0.1}})])
 def test_an_unreadable_file_is_ignored(cache, text):
     (cache / "speed.json").write_text(text)
     assert speed.load(make_report()) is None
@@ -110,3 +116,11 @@ def test_cli_measures_then_reports(cache, monkeypatch, capsys):
     data = json.loads(capsys.readouterr().out)
     assert "measured here" in data["choices"]["unet"]["reason"]
     assert data["choices"]["unet"]["layout"] in speed.LAYOUTS
+
+
+def test_cli_on_a_gpu_machine_says_why_it_does_not_measure(cache, monkeypatch, capsys):
+    monkeypatch.setattr(device, "report", lambda: make_report(accelerator="cuda", accelerator_name="a GPU"))
+    assert main(["device", "--measure", "missing"]) == 0
+    out = capsys.readouterr()
+    assert "Not measured: sdkit runs on the cuda GPU" in out.err and "a GPU" in out.out
+    assert not (cache / "speed.json").exists()

@@ -52,8 +52,8 @@ def _attention_tokens(unet) -> tuple[list, list]:
     seen: list[int] = []
     levels = tome._attention_levels(unet)
     top = min(factor for factor, _ in levels)
-    hooks = [module.to_q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
-             for factor, module in levels if factor == top]
+    hooks = [block.attn1.to_q.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+             for factor, block in levels if factor == top]
     return seen, hooks
 
 
@@ -70,7 +70,7 @@ def test_generate_merges_the_largest_self_attention_and_repeats_a_seed(shapes):
     assert np.array_equal(np.asarray(merged), np.asarray(again))  # no randomness in which tokens merge
     assert not np.array_equal(np.asarray(merged), np.asarray(plain))
     assert "merged" in merged.sdkit_notes[-1]
-    assert all("forward" not in module.__dict__ for _, module in tome._attention_levels(shapes.unet))
+    assert all("forward" not in block.attn1.__dict__ for _, block in tome._attention_levels(shapes.unet))
 
 
 def test_sdxl_merges_at_its_first_attention_level(tiny_files):
@@ -107,7 +107,55 @@ def test_written_and_read_back_as_a1111_writes_it():
     assert "Token merging" not in format_parameters(SHAPES)
 
 
-@pytest.mark.parametrize("value, words", [(0.8, r"outside 0\.\.0\.75"), (-0.1, "outside"), (float("nan"), "finite")])
+@pytest.mark.parametrize("value, words", [(1.2, r"outside 0\.\.1"), (-0.1, "outside"), (float("nan"), "finite")])
 def test_a_ratio_no_run_can_use_is_refused(value, words):
     with pytest.raises(SdkitError, match=words):
         SHAPES.replace(token_merging=value).check()
+
+
+def test_an_a1111_ratio_over_three_quarters_merges_as_much_as_tomesd_allows(shapes):
+    settings = parse_parameters(format_parameters(SHAPES.replace(token_merging=0.9)))
+    assert settings.token_merging == 0.9
+    settings.check()
+    seen, hooks = _attention_tokens(shapes.unet)
+    try:
+        generate(shapes, settings, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert set(seen) == {(8 // 2) ** 2}  # every 2x2 cell down to its kept token: 64 -> 16
+
+
+def test_nested_merging_puts_each_forward_back(shapes):
+    block = tome._attention_levels(shapes.unet)[0][1]
+    with tome.token_merging(shapes.unet, ratio=0.5):
+        outer = block.attn1.forward
+        with tome.token_merging(shapes.unet, ratio=0.25):
+            assert block.attn1.forward is not outer
+        assert block.attn1.forward is outer
+    assert "forward" not in block.attn1.__dict__
+
+
+def test_matching_uses_the_blocks_input_not_the_attentions():
+    """tomesd (and so A1111) match tokens on the transformer block's input, before its norm."""
+    seen = []
+    real = tome.matching
+
+    def spy(metric, **kwargs):
+        seen.append(metric)
+        return real(metric, **kwargs)
+
+    unet = checkpoints.load("shapes-v1").unet
+    block = tome._attention_levels(unet)[0][1]
+    inputs = []
+    hook = block.register_forward_pre_hook(lambda _m, args, kwargs: inputs.append(
+        args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        tome.matching = spy
+        with tome.token_merging(unet, ratio=0.5), torch.inference_mode():
+            unet(torch.randn(2, 4, 16, 16, dtype=unet.dtype), 500,
+                 torch.randn(2, 77, unet.config.cross_attention_dim, dtype=unet.dtype))
+    finally:
+        tome.matching = real
+        hook.remove()
+    assert any(metric is inputs[0] for metric in seen)
