@@ -144,7 +144,9 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 # `python -m sdkit bench --peers` puts sdkit beside the engines a CPU user would otherwise pick, on the same SD1.5
 # file: **OpenVINO** (the engine of FastSD CPU) and **stable-diffusion.cpp** (C++, GGUF quantization). They are
 # optional (`pip install '.[peers]'`), take minutes to convert or build, and the course does not need them; the
-# README shows their table from the project's machine.
+# README shows their table from the project's machine. There, in bf16, sdkit and OpenVINO tied on the UNet step, and
+# stable-diffusion.cpp was about 25x slower. With both forced to fp32, as on a laptop CPU without bf16 units,
+# OpenVINO was ahead: 1.1-1.4x, most of it in the convolutions.
 
 # %% [markdown]
 # ## What to take away
