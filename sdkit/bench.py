@@ -534,8 +534,7 @@ def _run_text(settings) -> str:
     """A run's steps, sampler and fast-mode trades in words."""
     from sdkit import fast
 
-    trades = fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until,
-                           token_merging=settings.token_merging)
+    trades = fast.describe_run(settings)
     return f"{settings.steps} steps {settings.sampler} {settings.scheduler}, CFG {settings.cfg:g}" + (
         f"; {trades}" if trades else "")
 

@@ -9,9 +9,8 @@ on shapes-v1, the detector's accuracy and the PSNR of fast against full pictures
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-
 from sdkit.errors import SdkitError
+from sdkit.standins import StandIns
 from sdkit.tome import MAX_RATIO
 
 # What the panel's "fast mode" switch sets (measured: see `bench.fast_mode`).
@@ -45,9 +44,14 @@ def describe(*, deep_cache: int, cfg_until: float, token_merging: float = 0.0) -
     return "; ".join(trades)
 
 
+def describe_run(settings) -> str:
+    """describe() for a GenerationSettings' own fast-mode fields."""
+    return describe(**{name: getattr(settings, name) for name in OFF})
+
+
 def is_on(settings) -> bool:
-    """Whether a GenerationSettings asks for any fast-mode trade."""
-    return settings.deep_cache > 1 or settings.cfg_until < 1 or settings.token_merging > 0
+    """Whether a GenerationSettings asks for any fast-mode trade (any field away from OFF)."""
+    return any(getattr(settings, name) != value for name, value in OFF.items())
 
 
 class DeepCache:
@@ -91,25 +95,20 @@ class DeepCache:
 
     def __enter__(self) -> "DeepCache":
         self._hook = self.unet.register_forward_pre_hook(self._before, with_kwargs=True)
+        self._stand_ins = StandIns()
         for index, block in enumerate(self.deep):
-            block.forward = self._stand_in(index, block.forward)  # an instance attribute shadows the class's method
+            self._stand_ins.replace(block, lambda forward, index=index: self._stand_in(index, forward))
         return self
 
     def __exit__(self, *_exc) -> None:
         self._hook.remove()
-        for block in self.deep:
-            del block.forward
+        self._stand_ins.restore()
         self.cache.clear()
 
 
-@contextlib.contextmanager
-def deep_cache(unet, *, interval: int) -> Iterator[DeepCache | None]:
+def deep_cache(unet, *, interval: int) -> DeepCache | contextlib.nullcontext:
     """DeepCache on `unet` for the duration (nothing when interval is 1)."""
-    if interval <= 1:
-        yield None
-        return
-    with DeepCache(unet, interval=interval) as cache:
-        yield cache
+    return DeepCache(unet, interval=interval) if interval > 1 else contextlib.nullcontext()
 
 
 # The tensors a pipeline must hand to its step callback so CFG can be stopped: those batched [negative, positive]
@@ -148,13 +147,6 @@ def stop_cfg(pipe, tensors: dict) -> dict:
 def _positive_half(tensor):
     """The second (prompt) half of a [negative, positive] batch."""
     return tensor.chunk(2)[1] if tensor.shape[0] % 2 == 0 else tensor
-
-
-def cfg_stop_step(*, steps: int, cfg_until: float) -> int | None:
-    """After which step (1-based count of steps done) CFG stops, or None when it never does."""
-    if cfg_until >= 1:
-        return None
-    return max(1, round(steps * cfg_until))
 
 
 def control_group(*, on: bool = False):

@@ -520,8 +520,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
         if fast.is_on(settings):
-            image_notes.append("Fast mode: " + fast.describe(deep_cache=settings.deep_cache, cfg_until=settings.cfg_until,
-                                                            token_merging=settings.token_merging) + ".")
+            image_notes.append("Fast mode: " + fast.describe_run(settings) + ".")
         image = vaes.decode(pipe, latents, notes=image_notes)[0]
         image.sdkit_settings = settings.replace(seed=image_seed, batch_size=1, controlnets=units,
                                                 extra={**settings.extra, **resources})

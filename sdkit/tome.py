@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sdkit.errors import SdkitError
+from sdkit.standins import StandIns
 
 if TYPE_CHECKING:
     import torch
@@ -128,29 +129,19 @@ class TokenMerging:
 
     def __enter__(self) -> "TokenMerging":
         self._hooks = [self.unet.register_forward_pre_hook(self._before, with_kwargs=True)]
-        self._before_us = []
+        self._stand_ins = StandIns()
         for index, block in enumerate(self.blocks):
             self._hooks.append(block.register_forward_pre_hook(self._block_input(index), with_kwargs=True))
-            self._before_us.append(block.attn1.__dict__.get("forward"))
-            block.attn1.forward = self._stand_in(index, block.attn1.forward)  # shadows the class's method
+            self._stand_ins.replace(block.attn1, lambda forward, index=index: self._stand_in(index, forward))
         return self
 
     def __exit__(self, *_exc) -> None:
         for hook in self._hooks:
             hook.remove()
-        for block, earlier in zip(self.blocks, self._before_us):
-            if earlier is None:
-                del block.attn1.forward
-            else:
-                block.attn1.forward = earlier
+        self._stand_ins.restore()
         self.tokens.clear()
 
 
-@contextlib.contextmanager
-def token_merging(unet, *, ratio: float) -> Iterator[TokenMerging | None]:
+def token_merging(unet, *, ratio: float) -> TokenMerging | contextlib.nullcontext:
     """Token merging on `unet` for the duration (nothing when ratio is 0)."""
-    if ratio <= 0:
-        yield None
-        return
-    with TokenMerging(unet, ratio=ratio) as merging:
-        yield merging
+    return TokenMerging(unet, ratio=ratio) if ratio > 0 else contextlib.nullcontext()
