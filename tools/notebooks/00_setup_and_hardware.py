@@ -69,8 +69,9 @@ if report.accelerator == "none":
     measured = speed.measure()
     device.report.cache_clear()  # the report's choices now include the measurement
     report = device.report()
-    plots.bars({name.replace("_", "-"): seconds for name, seconds in measured.seconds.items()},
-               title=f"one SD1.5 first-level UNet call at {speed.LATENT * 8}², lower is faster", unit="seconds")
+    display(plots.bars({name.replace("_", "-"): seconds for name, seconds in measured.seconds.items()},
+                       title=f"one SD1.5 first-level UNet call at {speed.LATENT * 8}², lower is faster",
+                       unit="seconds"))  # inside `if`, a chart is shown only when displayed
 print(f"UNet: {report.choices['unet'].dtype} {report.choices['unet'].layout}: {report.choices['unet'].reason}")
 
 # %% [markdown]
