@@ -240,8 +240,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("device", help="what this machine has and which precision each component gets")
     s.add_argument("--json", action="store_true")
     s.add_argument("--measure", nargs="?", const="always", choices=("always", "missing"),
-                   help="time each precision and layout here (about 15 s) and keep the fastest for later runs; "
-                        "'missing': only when this machine has no measurement yet")
+                   help="time each precision and layout, and OpenVINO where installed, here (about 20 s) and keep "
+                        "the fastest for later runs; 'missing': only when this machine has no measurement yet")
     s.set_defaults(run=_device)
 
     s = sub.add_parser("models", help="list the models in the models folders")

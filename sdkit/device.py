@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +24,7 @@ class Choice:
     dtype: str
     reason: str
     layout: str = "channels_last"  # of convolution weights and activations on a CPU (sdkit.optimize); or contiguous
+    backend: str = "pytorch"  # what runs it: PyTorch, or for a CPU's UNet "openvino" (sdkit.openvino_unet)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -65,10 +66,13 @@ class DeviceReport:
         ]
         for name, choice in self.choices.items():
             layout = f" {choice.layout.replace('_', '-')}" if choice.device == "cpu" and name != "text_encoder" else ""
+            if choice.backend == "openvino":
+                layout = " in OpenVINO"
             lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
         if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
             lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
-                         "--measure` times each precision and layout here (about 15 s) and keeps the fastest")
+                         "--measure` times each precision and layout (and OpenVINO, where installed) here (about 15 s) "
+                         "and keeps the fastest")
         return "\n".join(lines)
 
 
@@ -152,34 +156,57 @@ def choose(report: DeviceReport) -> dict[str, Choice]:
     else:
         why = "fp32: this CPU has no bf16 units (AMX or AVX512-BF16), so bf16 would be emulated and slower"
         choices = {c: Choice("cpu", "float32", why) for c in COMPONENTS}
-    if report.accelerator == "none" and not forced:
-        choices = _measured(report, choices)
     if forced:
         if forced not in ("float32", "bfloat16", "float16"):
             from sdkit.errors import SdkitError
 
             raise SdkitError(f"SDKIT_DTYPE={forced!r} is not a dtype sdkit uses.",
                              fix="set it to float32, bfloat16 or float16, or unset it")
-        choices = {c: Choice(ch.device, forced, f"{forced}: set by SDKIT_DTYPE") for c, ch in choices.items()}
+        choices = {c: replace(ch, dtype=forced, reason=f"{forced}: set by SDKIT_DTYPE") for c, ch in choices.items()}
+    if report.accelerator == "none":
+        choices = _measured(report, choices, forced=bool(forced))
+    backend = os.environ.get("SDKIT_BACKEND")
+    if backend:
+        choices["unet"] = _forced_backend(backend, choices["unet"])
     return choices
 
 
-def _measured(report: DeviceReport, guesses: dict[str, Choice]) -> dict[str, Choice]:
+def _forced_backend(backend: str, choice: Choice) -> Choice:
+    """The UNet's choice with the engine SDKIT_BACKEND names (pytorch, or openvino on a CPU where it is installed)."""
+    from sdkit import openvino_unet
+    from sdkit.errors import SdkitError
+
+    if backend not in ("pytorch", "openvino"):
+        raise SdkitError(f"SDKIT_BACKEND={backend!r} is not an engine sdkit runs the UNet with.",
+                         fix="set it to pytorch or openvino, or unset it (then a measurement decides)")
+    if backend == "openvino" and (choice.device != "cpu" or not openvino_unet.installed()):
+        where = "on a GPU" if choice.device != "cpu" else "here: the openvino package is not installed"
+        raise SdkitError(f"SDKIT_BACKEND=openvino cannot run {where}.",
+                         fix="pip install openvino (CPU only), or unset SDKIT_BACKEND")
+    return replace(choice, backend=backend, reason=f"{choice.reason}; {backend}: set by SDKIT_BACKEND")
+
+
+def _measured(report: DeviceReport, guesses: dict[str, Choice], *, forced: bool = False) -> dict[str, Choice]:
     """The CPU-feature guesses, or the measured pick where `python -m sdkit device --measure` found a faster one:
-    its precision for every part, its memory layout for the UNet (the part it timed; the VAE's larger convolutions
-    keep channels-last)."""
+    its precision for every part, its memory layout or OpenVINO for the UNet (the part it timed; the VAE's larger
+    convolutions keep channels-last). With the precision `forced` (SDKIT_DTYPE), only the way is picked, among that
+    precision's candidates."""
     from sdkit import speed
 
     measurement = speed.load(report)
+    if measurement is not None and forced:
+        measurement = measurement.only(guesses["unet"].dtype)
     if measurement is None:
         return guesses
     unet = guesses["unet"]
-    dtype, layout = measurement.pick(dtype=unet.dtype, layout=unet.layout)
-    line = measurement.describe(dtype=unet.dtype, layout=unet.layout)
+    dtype, way = measurement.pick(dtype=unet.dtype, way=unet.layout)
+    line = measurement.describe(dtype=unet.dtype, way=unet.layout)
     choices = {}
     for name, guess in guesses.items():
         reason = f"{guess.reason}; {line}" if dtype == guess.dtype else f"the CPU's features suggest {guess.dtype}; {line}"
-        choices[name] = Choice("cpu", dtype, reason, layout=layout if name == "unet" else guess.layout)
+        layout = way if name == "unet" and way in speed.LAYOUTS else guess.layout  # OpenVINO's fallback: the guess
+        backend = "openvino" if name == "unet" and way == speed.OPENVINO else "pytorch"
+        choices[name] = replace(guess, dtype=dtype, reason=reason, layout=layout, backend=backend)
     return choices
 
 

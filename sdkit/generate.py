@@ -7,7 +7,7 @@ import math
 import warnings
 from dataclasses import dataclass, field
 
-from sdkit import fast
+from sdkit import fast, openvino_unet
 from sdkit.errors import SdkitError
 from sdkit.tome import token_merging
 
@@ -417,6 +417,25 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
         return _generate(pipe, settings, progress=progress, cancel=cancel, on_step=on_step)
 
 
+def _unet_engine(pipe, settings: GenerationSettings, *, controlled: bool, notes: list[str]) -> str:
+    """What runs the UNet for this picture: the measured choice (`python -m sdkit device`), except that OpenVINO's
+    converted UNet is the model without LoRAs (converting with them costs as long as the first conversion, each time
+    a weight changes) and does not take ControlNet or fast mode's DeepCache and token merging (a note says so)."""
+    from sdkit import device, loras
+
+    chosen = device.choose(device.report())["unet"].backend
+    if chosen != "openvino":
+        return chosen
+    kept = [name for name, used in (("LoRAs", bool(loras.active(pipe))), ("ControlNet", controlled),
+                                     ("DeepCache", settings.deep_cache > 1),
+                                     ("token merging", settings.token_merging > 0)) if used]
+    if kept:
+        notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): OpenVINO runs the "
+                     f"converted model without {' or '.join(kept)}.")
+        return "pytorch"
+    return chosen
+
+
 def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_step) -> list:
     """generate() without the lock."""
     import torch
@@ -459,6 +478,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
     # 3. Encode the prompts once for the whole batch, in A1111's prompt language (weights, BREAK, long prompts).
     prompt_args, prompt_notes = prompts.encode(pipe, prompt, negative, clip_skip=settings.clip_skip)
     notes += prompt_notes
+    engine = _unet_engine(pipe, settings, controlled=bool(models), notes=notes)
     images = []
     for index in range(settings.batch_size):
         image_seed = seed + index
@@ -493,7 +513,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
                   "callback_on_step_end": after_step}
         try:
             with (torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache),
-                  token_merging(pipe.unet, ratio=settings.token_merging)):
+                  token_merging(pipe.unet, ratio=settings.token_merging),
+                  openvino_unet.running(pipe, on=engine == "openvino", dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                                        notes=notes)):
                 if settings.init_image:
                     start = _init_image(settings)
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)

@@ -1,10 +1,11 @@
-"""Measured speed choices: which number format and memory layout run this machine's UNet fastest, timed once on a
-UNet level with SD1.5's first-level shapes and kept in a file, so later loads use the measured pick and
-`python -m sdkit device` says what was measured.
+"""Measured speed choices: which number format, and which way of running it (PyTorch in channels-last or contiguous
+memory, or OpenVINO where it is installed), run this machine's UNet fastest, timed once on a UNet level with SD1.5's
+first-level shapes and kept in a file, so later loads use the measured pick and `python -m sdkit device` says what
+was measured.
 
-The CPU's features give the first guess (`device.choose`: bf16 where AMX or AVX512-BF16 exist, channels-last for
-convolutions); a measurement replaces it only when another candidate is clearly faster here (MARGIN), because a
-shared machine's timings jitter. `python -m sdkit device --measure` (run by `make lab`) measures and saves.
+The CPU's features give the first guess (`device.choose`: bf16 where AMX or AVX512-BF16 exist, PyTorch with
+channels-last convolutions); a measurement replaces it only when another candidate is clearly faster here (MARGIN),
+because a shared machine's timings jitter. `python -m sdkit device --measure` (run by `make lab`) measures and saves.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 
 from sdkit.errors import SdkitError
 
-LAYOUTS = ("channels_last", "contiguous")
+LAYOUTS = ("channels_last", "contiguous")  # PyTorch's two memory layouts for convolutions
+OPENVINO = "openvino"  # the third way: the UNet converted to OpenVINO (sdkit.openvino_unet), where it is installed
 MARGIN = 1.10  # a candidate replaces the CPU-feature guess only when at least 10% faster in the measurement
 LATENT = 32  # latent side of the timed call (a 256² picture): big enough for oneDNN's choices to show, quick to time
 VERSION = 1  # of the file's layout
@@ -38,7 +40,8 @@ def machine_key(report) -> str:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Seconds of one timed call per candidate ('bfloat16 channels_last', ...), the best of its rounds."""
+    """Seconds of one timed call per candidate ('bfloat16 channels_last', 'float32 openvino', ...), the best of its
+    rounds: a candidate is a dtype and a way (a PyTorch layout, or OpenVINO)."""
 
     key: str
     day: str
@@ -46,33 +49,47 @@ class Measurement:
     version: int = VERSION
 
     def fastest(self) -> tuple[str, str]:
-        """(dtype, layout) of the fastest candidate."""
-        dtype, layout = min(self.seconds, key=self.seconds.__getitem__).split()
-        return dtype, layout
+        """(dtype, way) of the fastest candidate."""
+        dtype, way = min(self.seconds, key=self.seconds.__getitem__).split()
+        return dtype, way
 
-    def pick(self, *, dtype: str, layout: str) -> tuple[str, str]:
-        """The guess (dtype, layout), or the fastest candidate where it beats the guess by MARGIN."""
-        guess = self.seconds.get(f"{dtype} {layout}")
+    def pick(self, *, dtype: str, way: str) -> tuple[str, str]:
+        """The guess (dtype, way), or the fastest candidate where it beats the guess by MARGIN."""
+        guess = self.seconds.get(f"{dtype} {way}")
         best = self.fastest()
         if guess is None or self.seconds[" ".join(best)] * MARGIN < guess:
             return best
-        return dtype, layout
+        return dtype, way
 
-    def describe(self, *, dtype: str, layout: str) -> str:
+    def only(self, dtype: str) -> Measurement | None:
+        """The candidates in this one dtype (SDKIT_DTYPE fixed it), or None where none was timed."""
+        seconds = {name: s for name, s in self.seconds.items() if name.split()[0] == dtype}
+        return replace(self, seconds=seconds) if seconds else None
+
+    def describe(self, *, dtype: str, way: str) -> str:
         """One line: what was measured, and whether it kept or changed the guess."""
-        times = ", ".join(f"{name.replace('bfloat16', 'bf16').replace('float32', 'fp32').replace('_', '-')} {s:.2f} s"
-                          for name, s in sorted(self.seconds.items(), key=lambda item: item[1]))
-        picked = self.pick(dtype=dtype, layout=layout)
-        verdict = ("keeps that" if picked == (dtype, layout) else
-                   f"so {picked[0]} {picked[1].replace('_', '-')} instead (the guess took over {MARGIN - 1:.0%} longer)")
+        times = ", ".join(f"{label(name)} {s:.2f} s" for name, s in sorted(self.seconds.items(), key=lambda i: i[1]))
+        picked = self.pick(dtype=dtype, way=way)
+        verdict = ("keeps that" if picked == (dtype, way) else
+                   f"so {label(' '.join(picked))} instead (the guess took over {MARGIN - 1:.0%} longer)")
         return (f"measured here on {self.day} (one SD1.5 first-level UNet call at {LATENT * 8}²: {times}); "
                 f"{verdict}")
 
 
+def label(name: str) -> str:
+    """'bfloat16 channels_last' as a person reads it: 'bf16 channels-last'; 'float32 openvino': 'fp32 OpenVINO'."""
+    return (name.replace("bfloat16", "bf16").replace("float32", "fp32").replace("_", "-")
+            .replace(OPENVINO, "OpenVINO"))
+
+
 def candidates(report) -> list[tuple[str, str]]:
-    """(dtype, layout) pairs worth timing here: bf16 only where the CPU has bf16 units (elsewhere it is emulated)."""
+    """(dtype, way) pairs worth timing here: bf16 only where the CPU has bf16 units (elsewhere it is emulated);
+    OpenVINO only where it is installed."""
+    from sdkit import openvino_unet
+
     dtypes = ["bfloat16", "float32"] if report.cpu_has_bf16 else ["float32"]
-    return [(dtype, layout) for dtype in dtypes for layout in LAYOUTS]
+    ways = [*LAYOUTS, OPENVINO] if openvino_unet.installed() else list(LAYOUTS)
+    return [(dtype, way) for dtype in dtypes for way in ways]
 
 
 def _level():
@@ -100,22 +117,28 @@ def measure(report=None, *, rounds: int = 3, progress: bool = True) -> Measureme
                          fix="nothing to do: the GPU's precision is chosen by its features")
     level, pairs = _level(), candidates(report)
     formats = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    times: dict[str, list[float]] = {f"{dtype} {layout}": [] for dtype, layout in pairs}
+    times: dict[str, list[float]] = {f"{dtype} {way}": [] for dtype, way in pairs}
     level_before = logging.get_verbosity()
     logging.set_verbosity_error()  # its note on casting a model with `to()` is about its own loaders
     try:
+        engines = _openvino_engines(level, pairs)
         with torch.inference_mode(), tqdm(total=rounds * len(pairs), desc="measuring", disable=not progress) as bar:
             for round_ in range(rounds):
-                for dtype, layout in pairs:
+                for dtype, way in pairs:
                     kind = getattr(torch, dtype)
-                    model = level.to(dtype=kind, memory_format=formats[layout])
-                    sample = torch.randn(2, 4, LATENT, LATENT, dtype=kind).contiguous(memory_format=formats[layout])
-                    context = torch.randn(2, 77, 768, dtype=kind)
+                    if way == OPENVINO:
+                        model = engines[dtype]
+                    else:
+                        level = level.to(dtype=kind, memory_format=formats[way])
+                        model = level
+                    layout = formats.get(way, torch.contiguous_format)
+                    sample = torch.randn(2, 4, LATENT, LATENT, dtype=kind).contiguous(memory_format=layout)
+                    context, step = torch.randn(2, 77, 768, dtype=kind), torch.tensor([500.0])
                     if round_ == 0:  # the first call in a format picks kernels and allocates: not timed
-                        model(sample, 500, context)
+                        model(sample, step, context)
                     started = time.perf_counter()
-                    model(sample, 500, context)
-                    times[f"{dtype} {layout}"].append(time.perf_counter() - started)
+                    model(sample, step, context)
+                    times[f"{dtype} {way}"].append(time.perf_counter() - started)
                     bar.update()
     finally:
         logging.set_verbosity(level_before)
@@ -123,6 +146,17 @@ def measure(report=None, *, rounds: int = 3, progress: bool = True) -> Measureme
                          seconds={name: round(min(t), 4) for name, t in times.items()})
     save(result)
     return result
+
+
+def _openvino_engines(level, pairs: list[tuple[str, str]]) -> dict:
+    """An OpenVINO engine per dtype that has an OpenVINO candidate, all from one conversion of the level."""
+    from sdkit import openvino_unet
+
+    dtypes = [dtype for dtype, way in pairs if way == OPENVINO]
+    if not dtypes:
+        return {}
+    model = openvino_unet.convert(level)
+    return {dtype: openvino_unet.Engine(level, dtype=dtype, model=model) for dtype in dtypes}
 
 
 def save(measurement: Measurement) -> Path:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from sdkit import device, speed
+from sdkit import device, openvino_unet, speed
 from sdkit.__main__ import main
 from sdkit.optimize import memory_format, prepare
 
@@ -103,8 +103,40 @@ def test_measure_times_every_candidate_and_saves(cache, monkeypatch):
     assert not (cache / "speed.json.partial").exists()
 
 
-def test_fp32_only_cpus_time_only_the_layouts():
+def test_fp32_only_cpus_time_only_fp32(monkeypatch):
+    assert speed.candidates(make_report(isa=["AVX2"])) == [("float32", "channels_last"), ("float32", "contiguous"),
+                                                          ("float32", "openvino")]
+    monkeypatch.setattr(openvino_unet, "installed", lambda: False)  # OpenVINO is timed only where it is installed
     assert speed.candidates(make_report(isa=["AVX2"])) == [("float32", "channels_last"), ("float32", "contiguous")]
+
+
+def test_openvino_measured_faster_runs_the_unet_and_says_why(cache):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=1.0, bfloat16__openvino=0.5,
+          float32__channels_last=2.0, float32__contiguous=2.0, float32__openvino=1.5)
+    choices = device.choose(report)
+    unet = choices["unet"]
+    assert (unet.dtype, unet.backend, unet.layout) == ("bfloat16", "openvino", "channels_last")
+    assert "bf16 OpenVINO 0.50 s" in unet.reason and "so bf16 OpenVINO instead" in unet.reason
+    assert {choices[part].backend for part in ("text_encoder", "vae")} == {"pytorch"}  # it timed the UNet only
+    report.choices = choices
+    assert "unet         cpu bfloat16 in OpenVINO" in str(report)
+
+
+def test_a_forced_dtype_still_gets_its_measured_way(cache, monkeypatch):
+    report = make_report()
+    saved(report, bfloat16__channels_last=0.5, float32__channels_last=2.0, float32__contiguous=2.0,
+          float32__openvino=1.0)
+    monkeypatch.setenv("SDKIT_DTYPE", "float32")
+    unet = device.choose(report)["unet"]
+    assert (unet.dtype, unet.backend) == ("float32", "openvino")
+    assert "set by SDKIT_DTYPE" in unet.reason and "bf16" not in unet.reason  # only fp32's candidates compared
+
+
+def test_openvino_within_the_margin_keeps_pytorch(cache):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=1.1, bfloat16__openvino=0.95)
+    assert device.choose(report)["unet"].backend == "pytorch"
 
 
 def test_cli_measures_then_reports(cache, monkeypatch, capsys):

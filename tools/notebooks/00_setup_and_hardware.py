@@ -59,20 +59,23 @@ plots.bars(speeds, title=f"{MATMUL_SIZE}x{MATMUL_SIZE} matmul on {report.cpu}", 
 # A matrix multiplication is only part of an image model's step: there are convolutions, attention and
 # normalisations too, and how fast they run also depends on the **memory layout**. *Channels-last* stores each
 # pixel's channels side by side, which the convolution library on CPUs (oneDNN) usually prefers; *contiguous*
-# stores each channel as a whole picture. sdkit times one level of the real SD1.5 UNet (its costliest: 320 channels,
-# attention over every latent position) in each format and layout, keeps the fastest for this machine, and every
-# later notebook and `python -m sdkit` command here uses it. The guess from the CPU's features is replaced only
-# when another set-up is clearly (over 10%) faster, because timings jitter.
+# stores each channel as a whole picture. A third way is **OpenVINO**, Intel's inference engine (the one FastSD CPU
+# runs on): sdkit converts the UNet to it and OpenVINO compiles the whole graph with its own fused kernels. sdkit
+# times one level of the real SD1.5 UNet (its costliest: 320 channels, attention over every latent position) in each
+# format and way, keeps the fastest for this machine, and every later notebook and `python -m sdkit` command here
+# uses it. The guess from the CPU's features is replaced only when another set-up is clearly (over 10%) faster,
+# because timings jitter.
 
 # %%
 if report.accelerator == "none":
     measured = speed.measure()
     device.report.cache_clear()  # the report's choices now include the measurement
     report = device.report()
-    display(plots.bars({name.replace("_", "-"): seconds for name, seconds in measured.seconds.items()},
+    display(plots.bars({speed.label(name): seconds for name, seconds in measured.seconds.items()},
                        title=f"one SD1.5 first-level UNet call at {speed.LATENT * 8}², lower is faster",
                        unit="seconds"))  # inside `if`, a chart is shown only when displayed
-print(f"UNet: {report.choices['unet'].dtype} {report.choices['unet'].layout}: {report.choices['unet'].reason}")
+unet = report.choices["unet"]
+print(f"UNet: {unet.dtype} {'in OpenVINO' if unet.backend == 'openvino' else unet.layout}: {unet.reason}")
 
 # %% [markdown]
 # ## 4. How much memory does a model need?

@@ -146,7 +146,10 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 # optional (`pip install '.[peers]'`), take minutes to convert or build, and the course does not need them; the
 # README shows their table from the project's machine. There, in bf16, sdkit and OpenVINO tied on the UNet step, and
 # stable-diffusion.cpp was about 25x slower. With both forced to fp32, as on a laptop CPU without bf16 units,
-# OpenVINO was ahead: 1.1-1.4x, most of it in the convolutions.
+# OpenVINO was ahead: 1.1-1.4x, most of it in the convolutions. So where OpenVINO is installed (the course installs
+# it), the measurement in notebook 00 also times the UNet converted to OpenVINO, and where that is clearly faster
+# sdkit runs the UNet there: the first picture converts it (about a minute for SD1.5; a LoRA change converts again),
+# and calls it does not take (ControlNet, DeepCache, token merging) run in PyTorch, with a note under the picture.
 
 # %% [markdown]
 # ## What to take away

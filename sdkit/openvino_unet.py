@@ -1,0 +1,198 @@
+"""The UNet run by OpenVINO, on CPUs where `python -m sdkit device --measure` timed it faster than PyTorch.
+
+OpenVINO (Intel's inference engine, the one FastSD CPU runs on) compiles the UNet's graph with its own fused CPU
+kernels. sdkit converts the pipeline's UNet in memory on the first picture that uses it (`openvino.convert_model`;
+about a minute for SD1.5, the note under the picture says how long) and compiles it for the picture's size. The
+pictures it does not make run in PyTorch, the reference path (`generate` says which, in a note): with LoRAs (sdkit
+merges their weights into the UNet's, so each weight would need a new conversion), ControlNet's residuals, SDXL's
+extra conditioning, and fast mode's DeepCache and token merging, which change the UNet's own forward. Nothing is
+written to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import sys
+import time
+import warnings
+from typing import TYPE_CHECKING
+
+from sdkit.standins import StandIns
+
+if TYPE_CHECKING:
+    import torch
+
+PRECISION = {"bfloat16": "bf16", "float32": "f32"}  # OpenVINO's inference precision for each dtype sdkit picks
+PLAIN = {"timestep_cond", "cross_attention_kwargs", "added_cond_kwargs", "down_block_additional_residuals",
+         "mid_block_additional_residual", "down_intrablock_additional_residuals", "encoder_attention_mask",
+         "attention_mask", "class_labels"}  # UNet arguments that, when given, send the call to PyTorch
+
+
+def installed() -> bool:
+    """Whether the openvino package is importable here."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def no_telemetry() -> None:
+    """openvino's converter reports usage to Google Analytics unless told not to; without its telemetry package it
+    uses a no-op stub. sdkit makes no network calls the user did not ask for."""
+    sys.modules["openvino_telemetry"] = None
+
+
+def convert(unet: torch.nn.Module):
+    """The UNet as an openvino.Model of (sample, timestep, context) -> noise, traced in fp32 (OpenVINO lowers the
+    precision itself when it compiles; a bf16 graph gave NaN), its sizes left open (`Engine` fixes them)."""
+    import torch
+
+    no_telemetry()
+    import openvino as ov
+
+    class Call(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, sample, timestep, context):
+            return self.model(sample, timestep, context, return_dict=False)[0]
+
+    source = unet if unet.dtype == torch.float32 else _fp32_copy(unet)
+    context = torch.randn(2, 77, source.config.cross_attention_dim)
+    example = (torch.randn(2, source.config.in_channels, 16, 16), torch.tensor([500.0]), context)
+    with torch.no_grad(), _without_standins(source), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python branches over shapes: sizes are fixed later
+        return ov.convert_model(Call(source).eval(), example_input=example)
+
+
+def _fp32_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """An fp32 copy of a bf16/fp16 UNet to trace (freed once traced)."""
+    import copy
+
+    import torch
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()  # its note on casting with `to()` is about its own loaders: this copy is deliberate
+    try:
+        return copy.deepcopy(unet).to(dtype=torch.float32, memory_format=torch.contiguous_format)
+    finally:
+        logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def _without_standins(unet):
+    """Trace the UNet's own forward even while a stand-in (this module's) is in place."""
+    saved = unet.__dict__.pop("forward", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            unet.forward = saved
+
+
+class Engine:
+    """One UNet converted to OpenVINO, compiled for the last input size it was called with."""
+
+    def __init__(self, unet: torch.nn.Module, *, dtype: str, threads: int | None = None, model=None) -> None:
+        import torch
+
+        no_telemetry()
+        import openvino as ov
+
+        started = time.perf_counter()
+        self.model = model if model is not None else convert(unet)  # `model`: an earlier conversion of this UNet
+        self.convert_seconds = time.perf_counter() - started
+        self.config = {"INFERENCE_PRECISION_HINT": PRECISION.get(dtype, "f32"), "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+        self.core, self.ov, self.dtype = ov.Core(), ov, getattr(torch, dtype)
+        self.shape: tuple | None = None
+        self.compiled = None
+
+    def _compile(self, shape: tuple) -> None:
+        """Compile for static shapes (sample, context): OpenVINO's fastest kernels; one size is kept at a time."""
+        self.compiled = None  # free the last size's packed weights before packing new ones
+        sample, context = shape
+        self.model.reshape({0: self.ov.PartialShape(list(sample)), 1: self.ov.PartialShape([1]),
+                            2: self.ov.PartialShape(list(context))})
+        self.compiled = self.core.compile_model(self.model, "CPU", self.config)
+        self.shape = shape
+
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The predicted noise, in the caller's dtype."""
+        import torch
+
+        shape = (tuple(sample.shape), tuple(context.shape))
+        if shape != self.shape:
+            self._compile(shape)
+        inputs = [sample.float().contiguous().numpy(), timestep.float().reshape(1).numpy(),
+                  context.float().contiguous().numpy()]
+        out = self.compiled(inputs)[0]
+        return torch.from_numpy(out.copy()).to(dtype=sample.dtype)
+
+
+def _step_time(timestep, batch: int):
+    """The call's one timestep as a 1-element float tensor, or None where the batch has several (PyTorch runs it)."""
+    import torch
+
+    t = torch.as_tensor(timestep, dtype=torch.float32).reshape(-1)
+    if t.numel() != 1 and not (t.numel() == batch and bool((t == t[0]).all())):
+        return None
+    return t[:1]
+
+
+def takes(kwargs: dict) -> bool:
+    """Whether a UNet call with these keyword arguments is one the converted UNet runs (plain text-to-noise)."""
+    return all(kwargs.get(name) is None or kwargs.get(name) == {} for name in PLAIN)
+
+
+def engine(pipe, *, dtype: str) -> tuple[Engine, str | None]:
+    """The pipeline's OpenVINO UNet for its current LoRAs, converting it when there is none yet; and a note saying
+    how long a conversion took (None when the kept one was used)."""
+    from sdkit import loras
+
+    key = (tuple(loras.active(pipe)), dtype)
+    kept = pipe.__dict__.get("_sdkit_openvino")
+    if kept is not None and kept[0] == key:
+        return kept[1], None
+    pipe.__dict__.pop("_sdkit_openvino", None)  # the old conversion's memory goes before the new one is made
+    made = Engine(pipe.unet, dtype=dtype)
+    pipe.__dict__["_sdkit_openvino"] = (key, made)
+    why = "for this model" if kept is None else "again: the LoRAs changed, and their weights are part of the UNet's"
+    return made, (f"The UNet was converted for OpenVINO {why} in {made.convert_seconds:.0f} s (once per model and "
+                  f"set of LoRAs; `python -m sdkit device` says why OpenVINO runs it here).")
+
+
+@contextlib.contextmanager
+def running(pipe, *, on: bool, dtype: str, notes: list[str] | None = None):
+    """While inside, the pipeline's UNet calls run in OpenVINO when `on` (and the call is a plain one, see `takes`);
+    a conversion's note is added to `notes`."""
+    if not on:
+        yield None
+        return
+    made, note = engine(pipe, dtype=dtype)
+    if note and notes is not None:
+        notes.append(note)
+    calls = {"openvino": 0, "pytorch": 0}
+
+    def make(original):
+        def forward(sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+            t = _step_time(timestep, sample.shape[0])
+            if args or encoder_hidden_states is None or t is None or not takes(kwargs):
+                calls["pytorch"] += 1
+                return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
+            calls["openvino"] += 1
+            noise = made(sample, t, encoder_hidden_states)
+            if return_dict:
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+                return UNet2DConditionOutput(sample=noise)
+            return (noise,)
+
+        return forward
+
+    standins = StandIns()
+    standins.replace(pipe.unet, make)
+    try:
+        yield calls
+    finally:
+        standins.restore()

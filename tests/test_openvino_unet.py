@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdkit import checkpoints, device, openvino_unet
+from sdkit.errors import SdkitError
+from sdkit.generate import GenerationSettings, generate
+from sdkit.quality import psnr
+
+SHAPES = GenerationSettings(prompt="a red circle on a white background", seed=3, steps=8, width=64, height=64)
+
+
+def load(monkeypatch, *, backend: str, dtype: str = "float32"):
+    """shapes-v1 loaded with the UNet engine and dtype forced (fp32: both engines then agree to rounding)."""
+    monkeypatch.setenv("SDKIT_DTYPE", dtype)
+    monkeypatch.setenv("SDKIT_BACKEND", backend)
+    return checkpoints.load("shapes-v1")
+
+
+def test_the_converted_unet_predicts_pytorchs_noise(monkeypatch):
+    pipe = load(monkeypatch, backend="pytorch")
+    made = openvino_unet.Engine(pipe.unet, dtype="float32")
+    torch.manual_seed(0)
+    sample, context = torch.randn(2, 4, 8, 12), torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.inference_mode():
+        expected = pipe.unet(sample, 500, context).sample
+    got = made(sample, torch.tensor([500.0]), context)
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
+    made(torch.randn(1, 4, 16, 16), torch.tensor([10.0]), context[:1])  # another size: compiled again
+    assert made.shape == ((1, 4, 16, 16), (1, 77, pipe.unet.config.cross_attention_dim))
+
+
+def test_a_picture_from_openvino_is_pytorchs_picture(monkeypatch):
+    reference = generate(load(monkeypatch, backend="pytorch"), SHAPES, progress=False)[0]
+    pipe = load(monkeypatch, backend="openvino")
+    first, again = (generate(pipe, SHAPES, progress=False)[0] for _ in range(2))
+    assert psnr(first, reference) > 40
+    assert any("converted for OpenVINO for this model" in note for note in first.sdkit_notes)
+    assert not any("OpenVINO" in note for note in again.sdkit_notes)  # the conversion is kept: no second one
+    assert psnr(again, first) == float("inf")
+
+
+def test_a_lora_picture_runs_in_pytorch_and_the_conversion_is_kept(monkeypatch):
+    styled = SHAPES.replace(prompt=SHAPES.prompt + " <lora:outlines:1>")
+    reference = generate(load(monkeypatch, backend="pytorch"), styled, progress=False)[0]
+    pipe = load(monkeypatch, backend="openvino")
+    plain = generate(pipe, SHAPES, progress=False)[0]
+    with_lora = generate(pipe, styled, progress=False)[0]
+    assert any("without LoRAs" in note for note in with_lora.sdkit_notes)
+    assert psnr(with_lora, reference) > 40 and psnr(with_lora, plain) < 30  # the LoRA shows
+    after = generate(pipe, SHAPES, progress=False)[0]  # the LoRA is off again: the first conversion still serves
+    assert not any("OpenVINO" in note for note in after.sdkit_notes) and psnr(after, plain) == float("inf")
+
+
+@pytest.mark.parametrize("change,named", [({"deep_cache": 2}, "DeepCache"), ({"token_merging": 0.5}, "token merging")])
+def test_fast_mode_runs_in_pytorch_and_says_so(monkeypatch, change, named):
+    pipe = load(monkeypatch, backend="openvino")
+    calls = []
+    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        image = generate(pipe, SHAPES.replace(**change), progress=False)[0]
+    finally:
+        hook.remove()
+    assert calls  # PyTorch's module ran (OpenVINO's stand-in returns before any hook would)
+    assert any(f"without {named}" in note for note in image.sdkit_notes)
+
+
+def test_calls_it_does_not_take_run_in_pytorch(monkeypatch):
+    pipe = load(monkeypatch, backend="pytorch")
+    dim = pipe.unet.config.cross_attention_dim
+    sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, dim)
+    with torch.inference_mode(), openvino_unet.running(pipe, on=True, dtype="float32") as calls:
+        plain = pipe.unet(sample, 500, encoder_hidden_states=context).sample
+        pipe.unet(sample, 500, encoder_hidden_states=context, cross_attention_kwargs={"scale": 1.0})
+        pipe.unet(sample.expand(2, -1, -1, -1), torch.tensor([1, 2]), encoder_hidden_states=context.expand(2, -1, -1))
+    assert calls == {"openvino": 1, "pytorch": 2}
+    assert "forward" not in pipe.unet.__dict__  # the UNet's own forward is back
+    with torch.inference_mode():
+        assert (pipe.unet(sample, 500, encoder_hidden_states=context).sample - plain).abs().max() < 1e-3
+
+
+def test_sdkit_backend_names_the_engine_or_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("SDKIT_BACKEND", "openvino")
+    assert device.choose(device.report())["unet"].backend == "openvino"
+    assert "set by SDKIT_BACKEND" in device.choose(device.report())["unet"].reason
+    monkeypatch.setenv("SDKIT_BACKEND", "onnx")
+    with pytest.raises(SdkitError, match="SDKIT_BACKEND='onnx'"):
+        device.choose(device.report())
+    monkeypatch.setenv("SDKIT_BACKEND", "openvino")
+    monkeypatch.setattr(openvino_unet, "installed", lambda: False)
+    with pytest.raises(SdkitError, match="openvino package is not installed"):
+        device.choose(device.report())
