@@ -20,7 +20,7 @@ def _device(args: argparse.Namespace) -> None:
     elif args.measure:
         from sdkit import speed
 
-        if args.measure == "always" or speed.load(report()) is None:
+        if args.measure == "always" or not speed.complete(report()):
             speed.measure(report(), progress=not args.json)
             report.cache_clear()  # the choices now include the measurement
     print(json.dumps(report().to_dict(), indent=2) if args.json else report())
@@ -241,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--measure", nargs="?", const="always", choices=("always", "missing"),
                    help="time each precision and layout, and OpenVINO where installed, here (about 20 s) and keep "
-                        "the fastest for later runs; 'missing': only when this machine has no measurement yet")
+                        "the fastest for later runs; 'missing': only when this machine has none yet, or one without a candidate there is now")
     s.set_defaults(run=_device)
 
     s = sub.add_parser("models", help="list the models in the models folders")

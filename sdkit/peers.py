@@ -54,6 +54,8 @@ ENGINES = {e.name: e for e in [
     Engine("sdcpp_q8_0", "sdcpp", "q8_0", "stable-diffusion.cpp, q8_0 weights"),
     # Both in fp32, as every engine runs on a CPU without bf16 units (AVX2 laptops): on request only.
     Engine("sdkit_fp32", None, "f32", "sdkit, fp32 forced (SDKIT_DTYPE=float32)", default=False),
+    # sdkit with its UNet run in OpenVINO whatever the measurement picked (its other parts in PyTorch): on request only.
+    Engine("sdkit_openvino", "openvino", "auto", "sdkit, UNet in OpenVINO (SDKIT_BACKEND=openvino)", default=False),
     Engine("openvino_f32", "openvino", "f32", "OpenVINO, static shapes, fp32 forced", default=False),
 ]}
 
@@ -248,13 +250,15 @@ class _SdkitRunner:
     """sdkit's own path: `checkpoints.load` (its per-machine choice), then the UNet, VAE and `generate` as the course
     runs them."""
 
-    def __init__(self, checkpoint: Path, size: int, precision: str) -> None:
+    def __init__(self, checkpoint: Path, size: int, precision: str, backend: str | None = None) -> None:
         import torch
 
         from sdkit import checkpoints, device
 
         if precision == "f32":
             os.environ["SDKIT_DTYPE"] = "float32"  # this worker process only
+        if backend:
+            os.environ["SDKIT_BACKEND"] = backend
         self.pipe = checkpoints.load(checkpoint)
         self.size, self.torch = size, torch
         choice = device.choose(device.report())["unet"]
@@ -533,8 +537,8 @@ def serve(engine: str, checkpoint: Path, size: int, threads: int, folder: Path) 
             _peak_reset()
             if request["do"] == "load":
                 started = time.perf_counter()
-                if spec.package is None:
-                    runner = _SdkitRunner(checkpoint, size, spec.precision)
+                if spec.name.startswith("sdkit"):
+                    runner = _SdkitRunner(checkpoint, size, spec.precision, backend=spec.package)
                 elif spec.package == "openvino":
                     runner = _OpenvinoRunner(checkpoint, size, spec.precision, threads, folder)
                 else:

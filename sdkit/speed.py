@@ -169,6 +169,12 @@ def save(measurement: Measurement) -> Path:
     return path
 
 
+def complete(report) -> bool:
+    """Whether the saved measurement timed every candidate there is here now (installing OpenVINO adds one)."""
+    found = load(report)
+    return found is not None and set(found.seconds) == {f"{dtype} {way}" for dtype, way in candidates(report)}
+
+
 def load(report) -> Measurement | None:
     """The saved measurement for this machine, or None (none yet, another machine's or torch's, or unreadable)."""
     path = cache_file()

@@ -28,8 +28,10 @@ def test_the_converted_unet_predicts_pytorchs_noise(monkeypatch):
     got = made(sample, torch.tensor([500.0]), context)
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
-    made(torch.randn(1, 4, 16, 16), torch.tensor([10.0]), context[:1])  # another size: compiled again
-    assert made.shape == ((1, 4, 16, 16), (1, 77, pipe.unet.config.cross_attention_dim))
+    dim = pipe.unet.config.cross_attention_dim
+    for side in (16, 8, 16, 24):  # other sizes: compiled for each, the two last used kept
+        made(torch.randn(1, 4, side, side), torch.tensor([10.0]), context[:1])
+    assert list(made.compiled) == [((1, 4, 16, 16), (1, 77, dim)), ((1, 4, 24, 24), (1, 77, dim))]
 
 
 def test_a_picture_from_openvino_is_pytorchs_picture(monkeypatch):

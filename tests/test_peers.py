@@ -71,6 +71,14 @@ def test_fp32_engines_run_only_when_named(tiny_files):
     assert result["engines"]["sdkit_fp32"]["note"].startswith("float32: float32: set by SDKIT_DTYPE")
 
 
+def test_sdkit_with_its_unet_in_openvino_times_every_part(tiny_files):
+    assert not peers.ENGINES["sdkit_openvino"].default
+    result = peers.run(engines=["sdkit_openvino"], checkpoint=tiny_files["sd1"], size=64, rounds=1, progress=False)
+    assert set(result["peers"]["sdkit_openvino"]) == set(peers.PARTS)
+    assert " in OpenVINO: " in result["engines"]["sdkit_openvino"]["note"]
+    assert "openvino: set by SDKIT_BACKEND" in result["engines"]["sdkit_openvino"]["note"]
+
+
 def test_an_unknown_engine_is_named_with_the_choices():
     with pytest.raises(SdkitError, match="sdkit_fp16: not an engine"):
         peers.run(engines=["sdkit_fp16"], progress=False)

@@ -150,6 +150,15 @@ def test_cli_measures_then_reports(cache, monkeypatch, capsys):
     assert data["choices"]["unet"]["layout"] in speed.LAYOUTS
 
 
+def test_measure_missing_measures_again_when_a_candidate_was_not_timed(cache, monkeypatch):
+    report = make_report()
+    monkeypatch.setattr(openvino_unet, "installed", lambda: False)
+    saved(report, **{f"{d}__{w}": 1.0 for d, w in speed.candidates(report)})
+    assert speed.complete(report)
+    monkeypatch.setattr(openvino_unet, "installed", lambda: True)  # OpenVINO installed since: one more candidate
+    assert speed.load(report) is not None and not speed.complete(report)
+
+
 def test_cli_on_a_gpu_machine_says_why_it_does_not_measure(cache, monkeypatch, capsys):
     monkeypatch.setattr(device, "report", lambda: make_report(accelerator="cuda", accelerator_name="a GPU"))
     assert main(["device", "--measure", "missing"]) == 0
