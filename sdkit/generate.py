@@ -419,19 +419,21 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
 
 def _unet_engine(pipe, settings: GenerationSettings, *, controlled: bool, notes: list[str]) -> str:
     """What runs the UNet for this picture: the measured choice (`python -m sdkit device`), except that OpenVINO's
-    converted UNet is the model without LoRAs (converting with them costs as long as the first conversion, each time
-    a weight changes) and does not take ControlNet or fast mode's DeepCache and token merging (a note says so)."""
+    converted UNet is the plain SD1/SD2 UNet without LoRAs (converting with them costs as long as the first
+    conversion, each time a weight changes), and does not take SDXL's extra conditioning, ControlNet, or fast mode's
+    DeepCache and token merging (a note says so)."""
     from sdkit import device, loras
 
     chosen = device.choose(device.report())["unet"].backend
     if chosen != "openvino":
         return chosen
-    kept = [name for name, used in (("LoRAs", bool(loras.active(pipe))), ("ControlNet", controlled),
+    kept = [name for name, used in (("SDXL's extra conditioning", pipe.unet.config.addition_embed_type is not None),
+                                     ("LoRAs", bool(loras.active(pipe))), ("ControlNet", controlled),
                                      ("DeepCache", settings.deep_cache > 1),
                                      ("token merging", settings.token_merging > 0)) if used]
     if kept:
-        notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): OpenVINO runs the "
-                     f"converted model without {' or '.join(kept)}.")
+        notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): OpenVINO runs the plain "
+                     f"converted UNet only, not with {' or '.join(kept)}.")
         return "pytorch"
     return chosen
 

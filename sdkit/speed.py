@@ -22,7 +22,8 @@ from sdkit.errors import SdkitError
 LAYOUTS = ("channels_last", "contiguous")  # PyTorch's two memory layouts for convolutions
 OPENVINO = "openvino"  # the third way: the UNet converted to OpenVINO (sdkit.openvino_unet), where it is installed
 MARGIN = 1.10  # a candidate replaces the CPU-feature guess only when at least 10% faster in the measurement
-LATENT = 32  # latent side of the timed call (a 256² picture): big enough for oneDNN's choices to show, quick to time
+LATENT = 64  # latent side of the timed call: SD1.5's 512² (and SDXL's largest attention at 1024²). At 256² PyTorch's
+# overheads weigh more and the level misjudged the whole UNet: OpenVINO tied there, yet was 1.29x faster at 512²
 VERSION = 1  # of the file's layout
 
 

@@ -50,7 +50,7 @@ def test_a_lora_picture_runs_in_pytorch_and_the_conversion_is_kept(monkeypatch):
     pipe = load(monkeypatch, backend="openvino")
     plain = generate(pipe, SHAPES, progress=False)[0]
     with_lora = generate(pipe, styled, progress=False)[0]
-    assert any("without LoRAs" in note for note in with_lora.sdkit_notes)
+    assert any("not with LoRAs" in note for note in with_lora.sdkit_notes)
     assert psnr(with_lora, reference) > 40 and psnr(with_lora, plain) < 30  # the LoRA shows
     after = generate(pipe, SHAPES, progress=False)[0]  # the LoRA is off again: the first conversion still serves
     assert not any("OpenVINO" in note for note in after.sdkit_notes) and psnr(after, plain) == float("inf")
@@ -66,7 +66,15 @@ def test_fast_mode_runs_in_pytorch_and_says_so(monkeypatch, change, named):
     finally:
         hook.remove()
     assert calls  # PyTorch's module ran (OpenVINO's stand-in returns before any hook would)
-    assert any(f"without {named}" in note for note in image.sdkit_notes)
+    assert any(f"not with {named}" in note for note in image.sdkit_notes)
+
+
+def test_an_sdxl_picture_runs_in_pytorch_and_says_so(monkeypatch, tiny_files):
+    monkeypatch.setenv("SDKIT_BACKEND", "openvino")
+    pipe = checkpoints.load(tiny_files["sdxl"])
+    image = generate(pipe, SHAPES.replace(steps=2), progress=False)[0]
+    assert any("not with SDXL's extra conditioning" in note for note in image.sdkit_notes)
+    assert "_sdkit_openvino" not in pipe.__dict__  # nothing was converted
 
 
 def test_calls_it_does_not_take_run_in_pytorch(monkeypatch):

@@ -40,8 +40,9 @@ COURSE: dict[str, Lesson] = {
     "00_setup_and_hardware": Lesson(
         title="Setup and hardware",
         learn=("what a CPU, an iGPU and a discrete GPU are", "what fp32, bf16 and fp16 mean, measured on your machine",
+               "which way of running a UNet (PyTorch's layouts, OpenVINO) is fastest here, measured",
                "how much memory each model family needs, and which fit here"),
-        seconds=20,
+        seconds=60,
         try_this=("Set `MATMUL_SIZE = 2048` and run again: does bf16 pull further ahead of fp32?",
                   "Run `python -m sdkit device` in a terminal: the same report, for any machine you use.",
                   "Find your own laptop's CPU in the report. Does it have AVX512-BF16 or AMX?")),
