@@ -240,7 +240,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("device", help="what this machine has and which precision each component gets")
     s.add_argument("--json", action="store_true")
     s.add_argument("--measure", nargs="?", const="always", choices=("always", "missing"),
-                   help="time each precision and layout, and OpenVINO where installed, here (about 20 s) and keep "
+                   help="time each precision and layout, and OpenVINO where installed, here (about a minute) and keep "
                         "the fastest for later runs; 'missing': only when this machine has none yet, or one without a candidate there is now")
     s.set_defaults(run=_device)
 

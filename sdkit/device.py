@@ -71,7 +71,7 @@ class DeviceReport:
             lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
         if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
             lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
-                         "--measure` times each precision and layout (and OpenVINO, where installed) here (about 15 s) "
+                         "--measure` times each precision and layout (and OpenVINO, where installed) here (about a minute) "
                          "and keeps the fastest")
         return "\n".join(lines)
 
@@ -179,34 +179,36 @@ def _forced_backend(backend: str, choice: Choice) -> Choice:
     if backend not in ("pytorch", "openvino"):
         raise SdkitError(f"SDKIT_BACKEND={backend!r} is not an engine sdkit runs the UNet with.",
                          fix="set it to pytorch or openvino, or unset it (then a measurement decides)")
-    if backend == "openvino" and (choice.device != "cpu" or not openvino_unet.installed()):
-        where = "on a GPU" if choice.device != "cpu" else "here: the openvino package is not installed"
-        raise SdkitError(f"SDKIT_BACKEND=openvino cannot run {where}.",
-                         fix="pip install openvino (CPU only), or unset SDKIT_BACKEND")
+    if backend == "openvino" and choice.device != "cpu":
+        raise SdkitError("SDKIT_BACKEND=openvino: sdkit runs the UNet in OpenVINO on CPUs only, and this machine "
+                         f"runs it on its {choice.device} GPU.", fix="unset SDKIT_BACKEND, or set it to pytorch")
+    if backend == "openvino" and not openvino_unet.installed():
+        raise SdkitError("SDKIT_BACKEND=openvino cannot run here: the openvino package is not installed.",
+                         fix="pip install openvino, or unset SDKIT_BACKEND")
     return replace(choice, backend=backend, reason=f"{choice.reason}; {backend}: set by SDKIT_BACKEND")
 
 
 def _measured(report: DeviceReport, guesses: dict[str, Choice], *, forced: bool = False) -> dict[str, Choice]:
     """The CPU-feature guesses, or the measured pick where `python -m sdkit device --measure` found a faster one:
-    its precision for every part, its memory layout or OpenVINO for the UNet (the part it timed; the VAE's larger
-    convolutions keep channels-last). With the precision `forced` (SDKIT_DTYPE), only the way is picked, among that
-    precision's candidates."""
+    its precision for every part and its memory layout for the UNet, both from PyTorch's times (the VAE's larger
+    convolutions keep channels-last), then OpenVINO for the UNet where it beat that. With the precision `forced`
+    (SDKIT_DTYPE), only the way is picked, among that precision's candidates."""
     from sdkit import speed
 
     measurement = speed.load(report)
     if measurement is not None and forced:
-        measurement = measurement.only(guesses["unet"].dtype)
+        measurement = measurement.only(dtype=guesses["unet"].dtype)
     if measurement is None:
         return guesses
     unet = guesses["unet"]
-    dtype, way = measurement.pick(dtype=unet.dtype, way=unet.layout)
-    line = measurement.describe(dtype=unet.dtype, way=unet.layout)
+    dtype, layout, way = measurement.choose(dtype=unet.dtype, layout=unet.layout)
+    line = measurement.describe(guess=(unet.dtype, unet.layout), picked=(dtype, way))
     choices = {}
     for name, guess in guesses.items():
         reason = f"{guess.reason}; {line}" if dtype == guess.dtype else f"the CPU's features suggest {guess.dtype}; {line}"
-        layout = way if name == "unet" and way in speed.LAYOUTS else guess.layout  # OpenVINO's fallback: the guess
         backend = "openvino" if name == "unet" and way == speed.OPENVINO else "pytorch"
-        choices[name] = replace(guess, dtype=dtype, reason=reason, layout=layout, backend=backend)
+        choices[name] = replace(guess, dtype=dtype, reason=reason, layout=layout if name == "unet" else guess.layout,
+                                backend=backend)
     return choices
 
 

@@ -517,7 +517,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
             with (torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache),
                   token_merging(pipe.unet, ratio=settings.token_merging),
                   openvino_unet.running(pipe, on=engine == "openvino", dtype=str(pipe.unet.dtype).removeprefix("torch."),
-                                        notes=notes)):
+                                        notes=notes) as unet_calls):
                 if settings.init_image:
                     start = _init_image(settings)
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)
@@ -543,6 +543,9 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
             bar.close()
         # 6. Decode with the VAE, and label the image with exactly what made it.
         image_notes = list(notes)
+        if unet_calls and unet_calls["pytorch"]:
+            image_notes.append(f"{unet_calls['pytorch']} of {sum(unet_calls.values())} UNet calls ran in PyTorch: "
+                               "OpenVINO's converted UNet does not take their extra inputs.")
         if fast.is_on(settings):
             image_notes.append("Fast mode: " + fast.describe_run(settings) + ".")
         image = vaes.decode(pipe, latents, notes=image_notes)[0]

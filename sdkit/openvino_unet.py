@@ -18,6 +18,7 @@ import time
 import warnings
 from typing import TYPE_CHECKING
 
+from sdkit.errors import SdkitError
 from sdkit.standins import StandIns
 
 if TYPE_CHECKING:
@@ -59,7 +60,10 @@ def convert(unet: torch.nn.Module):
 
     source = unet if unet.dtype == torch.float32 else _fp32_copy(unet)
     context = torch.randn(2, 77, source.config.cross_attention_dim)
-    example = (torch.randn(2, source.config.in_channels, 16, 16), torch.tensor([500.0]), context)
+    # Traced at a side the UNet cannot halve evenly all the way down, so diffusers hands each upsampler its skip's
+    # size (at even multiples it traces a plain doubling, and a 600-pixel side would then not fit its skip).
+    side = 2 * 2 ** source.num_upsamplers + 1
+    example = (torch.randn(2, source.config.in_channels, side, side), torch.tensor([500.0]), context)
     with torch.no_grad(), _without_standins(source), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python branches over shapes: sizes are fixed later
         model = ov.convert_model(Call(source).eval(), example_input=example)
@@ -157,20 +161,31 @@ def takes(kwargs: dict) -> bool:
 
 
 def engine(pipe, *, dtype: str) -> tuple[Engine, str | None]:
-    """The pipeline's OpenVINO UNet for its current LoRAs, converting it when there is none yet; and a note saying
-    how long a conversion took (None when the kept one was used)."""
+    """The pipeline's OpenVINO UNet for its current UNet, LoRAs and dtype, converting it when there is none yet; and
+    a note saying how long a conversion took (None when the kept one was used)."""
     from sdkit import loras
 
-    key = (tuple(loras.active(pipe)), dtype)
+    key = {"the UNet": id(pipe.unet), "the LoRAs": tuple(loras.active(pipe)), "the precision": dtype}
     kept = pipe.__dict__.get("_sdkit_openvino")
     if kept is not None and kept[0] == key:
         return kept[1], None
     pipe.__dict__.pop("_sdkit_openvino", None)  # the old conversion's memory goes before the new one is made
-    made = Engine(pipe.unet, dtype=dtype)
+    try:
+        made = Engine(pipe.unet, dtype=dtype)
+    except Exception as error:  # noqa: BLE001 - OpenVINO's own errors (and MemoryError) become one line with a fix
+        raise _failed("convert the UNet", error) from error
     pipe.__dict__["_sdkit_openvino"] = (key, made)
-    why = "for this model" if kept is None else "again: the LoRAs changed, and their weights are part of the UNet's"
-    return made, (f"The UNet was converted for OpenVINO {why} in {made.convert_seconds:.0f} s (once per model and "
-                  f"set of LoRAs; `python -m sdkit device` says why OpenVINO runs it here).")
+    changed = [name for name in key if kept is not None and kept[0].get(name) != key[name]]
+    why = "for this model" if kept is None else f"again: {' and '.join(changed)} changed"
+    return made, (f"The UNet was converted for OpenVINO {why} in {made.convert_seconds:.0f} s (once per model; "
+                  f"`python -m sdkit device` says why OpenVINO runs it here).")
+
+
+def _failed(doing: str, error: BaseException) -> SdkitError:
+    """An SdkitError for OpenVINO failing at `doing`, with the way back to PyTorch."""
+    first = (str(error).strip().splitlines() or [""])[0][:200]
+    return SdkitError(f"OpenVINO could not {doing}: {type(error).__name__}: {first}",
+                      fix="run the UNet in PyTorch: set SDKIT_BACKEND=pytorch (or `python -m sdkit device --measure`)")
 
 
 @contextlib.contextmanager
@@ -192,7 +207,10 @@ def running(pipe, *, on: bool, dtype: str, notes: list[str] | None = None):
                 calls["pytorch"] += 1
                 return original(sample, timestep, encoder_hidden_states, *args, return_dict=return_dict, **kwargs)
             calls["openvino"] += 1
-            noise = made(sample, t, encoder_hidden_states)
+            try:
+                noise = made(sample, t, encoder_hidden_states)
+            except Exception as error:  # noqa: BLE001 - a failed compile or run: one line with a fix
+                raise _failed(f"run the UNet at {tuple(sample.shape)}", error) from error
             if return_dict:
                 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 

@@ -62,16 +62,25 @@ class Measurement:
             return best
         return dtype, way
 
-    def only(self, dtype: str) -> Measurement | None:
-        """The candidates in this one dtype (SDKIT_DTYPE fixed it), or None where none was timed."""
-        seconds = {name: s for name, s in self.seconds.items() if name.split()[0] == dtype}
+    def only(self, *, dtype: str | None = None, ways: tuple[str, ...] | None = None) -> Measurement | None:
+        """The candidates in this dtype and these ways (None: any), or None where none was timed."""
+        seconds = {name: s for name, s in self.seconds.items()
+                   if dtype in (None, name.split()[0]) and (ways is None or name.split()[1] in ways)}
         return replace(self, seconds=seconds) if seconds else None
 
-    def describe(self, *, dtype: str, way: str) -> str:
-        """One line: what was measured, and whether it kept or changed the guess."""
+    def choose(self, *, dtype: str, layout: str) -> tuple[str, str, str]:
+        """(dtype, PyTorch layout, way) from the guess: the precision every part gets and the layout the UNet gets
+        when PyTorch runs it, both from PyTorch's own times; then OpenVINO as the way where it beat that by MARGIN."""
+        pytorch = self.only(ways=LAYOUTS)
+        if pytorch is not None:
+            dtype, layout = pytorch.pick(dtype=dtype, way=layout)
+        _, way = (self.only(dtype=dtype) or self).pick(dtype=dtype, way=layout)
+        return dtype, layout, way
+
+    def describe(self, *, guess: tuple[str, str], picked: tuple[str, str]) -> str:
+        """One line: what was measured, and whether the pick kept or changed the guess (dtype, way)."""
         times = ", ".join(f"{label(name)} {s:.2f} s" for name, s in sorted(self.seconds.items(), key=lambda i: i[1]))
-        picked = self.pick(dtype=dtype, way=way)
-        verdict = ("keeps that" if picked == (dtype, way) else
+        verdict = ("keeps that" if picked == guess else
                    f"so {label(' '.join(picked))} instead (the guess took over {MARGIN - 1:.0%} longer)")
         return (f"measured here on {self.day} (one SD1.5 first-level UNet call at {LATENT * 8}²: {times}); "
                 f"{verdict}")

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -29,15 +31,39 @@ def test_the_converted_unet_predicts_pytorchs_noise(monkeypatch):
     assert got.shape == expected.shape and got.dtype == expected.dtype
     assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
     dim = pipe.unet.config.cross_attention_dim
-    for side in (16, 8, 16, 24):  # other sizes: compiled for each, the two last used kept
-        made(torch.randn(1, 4, side, side), torch.tensor([10.0]), context[:1])
+    for side in (16, 10, 16, 24):  # other sizes: compiled for each, the two last used kept
+        odd = torch.randn(1, 4, side, side)  # 10: not a multiple of the UNet's 4x downsampling, as a 600-px side
+        with torch.inference_mode():
+            expected = pipe.unet(odd, 10, context[:1]).sample
+        assert (made(odd, torch.tensor([10.0]), context[:1]) - expected).abs().max() < 1e-3 * expected.abs().max()
     assert list(made.compiled) == [((1, 4, 16, 16), (1, 77, dim)), ((1, 4, 24, 24), (1, 77, dim))]
+
+
+def test_in_bf16_it_is_as_close_to_fp32_as_pytorchs_bf16(monkeypatch):
+    pipe = load(monkeypatch, backend="pytorch")
+    half = copy.deepcopy(pipe.unet).to(torch.bfloat16)
+    made = openvino_unet.Engine(half, dtype="bfloat16")  # an fp32 copy is traced, its weights then kept in fp16
+    torch.manual_seed(0)
+    sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+    with torch.inference_mode():
+        bf16 = half(sample.bfloat16(), 500, context.bfloat16()).sample.float()
+        fp32 = pipe.unet(sample, 500, context).sample
+    got = made(sample.bfloat16(), torch.tensor([500.0]), context.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - fp32).abs().max() <= 2 * (bf16 - fp32).abs().max()
 
 
 def test_a_picture_from_openvino_is_pytorchs_picture(monkeypatch):
     reference = generate(load(monkeypatch, backend="pytorch"), SHAPES, progress=False)[0]
     pipe = load(monkeypatch, backend="openvino")
-    first, again = (generate(pipe, SHAPES, progress=False)[0] for _ in range(2))
+    first = generate(pipe, SHAPES, progress=False)[0]  # converts: the tracer runs PyTorch's UNet, the steps do not
+    torch_ran = []
+    hook = pipe.unet.conv_in.register_forward_hook(lambda *_: torch_ran.append(1))  # inside PyTorch's UNet only
+    try:
+        again = generate(pipe, SHAPES, progress=False)[0]
+    finally:
+        hook.remove()
+    assert not torch_ran
     assert psnr(first, reference) > 40
     assert any("converted for OpenVINO for this model" in note for note in first.sdkit_notes)
     assert not any("OpenVINO" in note for note in again.sdkit_notes)  # the conversion is kept: no second one
@@ -60,12 +86,12 @@ def test_a_lora_picture_runs_in_pytorch_and_the_conversion_is_kept(monkeypatch):
 def test_fast_mode_runs_in_pytorch_and_says_so(monkeypatch, change, named):
     pipe = load(monkeypatch, backend="openvino")
     calls = []
-    hook = pipe.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    hook = pipe.unet.conv_in.register_forward_hook(lambda *_: calls.append(1))  # inside PyTorch's UNet only
     try:
         image = generate(pipe, SHAPES.replace(**change), progress=False)[0]
     finally:
         hook.remove()
-    assert calls  # PyTorch's module ran (OpenVINO's stand-in returns before any hook would)
+    assert calls
     assert any(f"not with {named}" in note for note in image.sdkit_notes)
 
 
@@ -89,6 +115,19 @@ def test_calls_it_does_not_take_run_in_pytorch(monkeypatch):
     assert "forward" not in pipe.unet.__dict__  # the UNet's own forward is back
     with torch.inference_mode():
         assert (pipe.unet(sample, 500, encoder_hidden_states=context).sample - plain).abs().max() < 1e-3
+
+
+def test_an_openvino_failure_is_one_line_with_the_way_back(monkeypatch):
+    pipe = load(monkeypatch, backend="openvino")
+
+    def broken(*_args):
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nunsupported")
+
+    monkeypatch.setattr(openvino_unet.Engine, "__call__", broken)
+    with pytest.raises(SdkitError, match="OpenVINO could not run the UNet at .*RuntimeError: Exception from") as info:
+        generate(pipe, SHAPES, progress=False)
+    assert "SDKIT_BACKEND=pytorch" in info.value.fix
+    assert "forward" not in pipe.unet.__dict__  # PyTorch's forward is back for the next picture
 
 
 def test_sdkit_backend_names_the_engine_or_says_what_to_do(monkeypatch):

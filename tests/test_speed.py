@@ -133,6 +133,18 @@ def test_a_forced_dtype_still_gets_its_measured_way(cache, monkeypatch):
     assert "set by SDKIT_DTYPE" in unet.reason and "bf16" not in unet.reason  # only fp32's candidates compared
 
 
+def test_the_precision_and_layout_come_from_pytorchs_times_openvino_only_replaces_the_way(cache, monkeypatch):
+    report = make_report()
+    saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=0.8, bfloat16__openvino=0.5,
+          float32__channels_last=2.0, float32__contiguous=2.0, float32__openvino=0.3)
+    unet = device.choose(report)["unet"]
+    # fp32 OpenVINO was fastest, but the text encoder and VAE (and PyTorch's fallbacks) run faster in bf16
+    assert (unet.dtype, unet.layout, unet.backend) == ("bfloat16", "contiguous", "openvino")
+    monkeypatch.setenv("SDKIT_BACKEND", "pytorch")
+    unet = device.choose(report)["unet"]
+    assert (unet.dtype, unet.layout, unet.backend) == ("bfloat16", "contiguous", "pytorch")
+
+
 def test_openvino_within_the_margin_keeps_pytorch(cache):
     report = make_report()
     saved(report, bfloat16__channels_last=1.0, bfloat16__contiguous=1.1, bfloat16__openvino=0.95)
