@@ -148,8 +148,10 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 # stable-diffusion.cpp was about 25x slower. With both forced to fp32, as on a laptop CPU without bf16 units,
 # OpenVINO was ahead: 1.1-1.4x, most of it in the convolutions. So where OpenVINO is installed (the course installs
 # it), the measurement in notebook 00 also times the UNet converted to OpenVINO, and where that is clearly faster
-# sdkit runs the UNet there: the first picture converts it (about a minute for SD1.5; a LoRA change converts again),
-# and calls it does not take (ControlNet, DeepCache, token merging) run in PyTorch, with a note under the picture.
+# sdkit runs the UNet there: the first picture converts it (about 25 s for SD1.5 on the project's machine), and
+# pictures it does not take (LoRAs, ControlNet, SDXL, DeepCache, token merging) run in PyTorch, with a note under the
+# picture. In one run there, sdkit with its UNet in OpenVINO took 3.78 s per CFG step, as OpenVINO did, and 4.89 s
+# with it in PyTorch; in another, an hour earlier, PyTorch and OpenVINO tied.
 
 # %% [markdown]
 # ## What to take away
