@@ -435,6 +435,13 @@ def _unet_engine(pipe, settings: GenerationSettings, *, controlled: bool, notes:
         notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): OpenVINO runs the plain "
                      f"converted UNet only, not with {' or '.join(kept)}.")
         return "pytorch"
+    if not openvino_unet.converted(pipe, dtype=str(pipe.unet.dtype).removeprefix("torch.")):
+        need, free = openvino_unet.memory_needed_gib(pipe.unet), _available_gib()
+        if need > free:  # a conversion that runs out of memory gets the whole session killed by the OS
+            notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): converting it needs "
+                         f"about {need:.1f} GiB and {free:.1f} GiB are free. Close other programs to use OpenVINO, "
+                         f"or set SDKIT_BACKEND=pytorch.")
+            return "pytorch"
     return chosen
 
 

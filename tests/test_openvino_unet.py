@@ -103,6 +103,19 @@ def test_an_sdxl_picture_runs_in_pytorch_and_says_so(monkeypatch, tiny_files):
     assert "_sdkit_openvino" not in pipe.__dict__  # nothing was converted
 
 
+def test_without_the_memory_to_convert_it_runs_in_pytorch_and_says_so(monkeypatch):
+    pipe = load(monkeypatch, backend="openvino")
+    pipe.__dict__.pop("_sdkit_openvino", None)  # not converted yet
+    assert 0 < openvino_unet.memory_needed_gib(pipe.unet) < 1  # shapes-v1 is small
+    monkeypatch.setattr(openvino_unet, "memory_needed_gib", lambda unet: 1e6)  # more than any machine has free
+    image = generate(pipe, SHAPES, progress=False)[0]
+    assert any("converting it needs about 1000000.0 GiB and" in note for note in image.sdkit_notes)
+    assert not openvino_unet.converted(pipe, dtype="float32")
+    monkeypatch.setattr(openvino_unet, "memory_needed_gib", lambda unet: 0.0)
+    generate(pipe, SHAPES, progress=False)
+    assert openvino_unet.converted(pipe, dtype="float32")
+
+
 def test_calls_it_does_not_take_run_in_pytorch(monkeypatch):
     pipe = load(monkeypatch, backend="pytorch")
     dim = pipe.unet.config.cross_attention_dim
