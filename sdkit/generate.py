@@ -431,18 +431,17 @@ def _unet_engine(pipe, settings: GenerationSettings, *, controlled: bool, notes:
                                      ("LoRAs", bool(loras.active(pipe))), ("ControlNet", controlled),
                                      ("DeepCache", settings.deep_cache > 1),
                                      ("token merging", settings.token_merging > 0)) if used]
+    need = 0.0 if kept or openvino_unet.converted(pipe) else openvino_unet.memory_needed_gib(pipe.unet)
+    free = _available_gib() if need else 0.0
     if kept:
-        notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): OpenVINO runs the plain "
-                     f"converted UNet only, not with {' or '.join(kept)}.")
-        return "pytorch"
-    if not openvino_unet.converted(pipe, dtype=str(pipe.unet.dtype).removeprefix("torch.")):
-        need, free = openvino_unet.memory_needed_gib(pipe.unet), _available_gib()
-        if need > free:  # a conversion that runs out of memory gets the whole session killed by the OS
-            notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): converting it needs "
-                         f"about {need:.1f} GiB and {free:.1f} GiB are free. Close other programs to use OpenVINO, "
-                         f"or set SDKIT_BACKEND=pytorch.")
-            return "pytorch"
-    return chosen
+        why = f"OpenVINO runs the plain converted UNet only, not with {' or '.join(kept)}."
+    elif need > free:  # a conversion that runs out of memory gets the whole session killed by the OS
+        why = (f"converting it needs about {need:.1f} GiB and {free:.1f} GiB are free. Close other programs to use "
+               f"OpenVINO, or set SDKIT_BACKEND=pytorch.")
+    else:
+        return chosen
+    notes.append(f"The UNet ran in PyTorch, not OpenVINO (this machine's faster pick): {why}")
+    return "pytorch"
 
 
 def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_step) -> list:
@@ -523,8 +522,7 @@ def _generate(pipe, settings: GenerationSettings, *, progress: bool, cancel, on_
         try:
             with (torch.inference_mode(), fast.deep_cache(pipe.unet, interval=settings.deep_cache),
                   token_merging(pipe.unet, ratio=settings.token_merging),
-                  openvino_unet.running(pipe, on=engine == "openvino", dtype=str(pipe.unet.dtype).removeprefix("torch."),
-                                        notes=notes) as unet_calls):
+                  openvino_unet.running(pipe, on=engine == "openvino", notes=notes) as unet_calls):
                 if settings.init_image:
                     start = _init_image(settings)
                     img2img = _controlled(pipe, "img2img", models) if models else _img2img(pipe)

@@ -120,9 +120,9 @@ class Engine:
         self.compiled: dict[tuple, object] = {}  # by (sample shape, context shape), the last used last
 
     def _compile(self, shape: tuple):
-        """Compiled for static shapes (sample, context), OpenVINO's fastest kernels (1.1-1.4x faster than dynamic shapes on
-        an SD1.5 level at 512² here). KEPT sizes are kept: a CFG step and a step without CFG (fast mode) alternate two batch sizes;
-        each compiled model holds its own packed copy of the weights."""
+        """Compiled for static shapes (sample, context), OpenVINO's fastest kernels (1.1-1.4x faster than dynamic
+        shapes on an SD1.5 level at 512² here). KEPT sizes are kept: a CFG step and a step without CFG (fast mode)
+        alternate two batch sizes; each compiled model holds its own packed copy of the weights."""
         if shape in self.compiled:
             self.compiled[shape] = self.compiled.pop(shape)  # now the last used
             return self.compiled[shape]
@@ -160,17 +160,18 @@ def takes(kwargs: dict) -> bool:
     return all(kwargs.get(name) is None or kwargs.get(name) == {} for name in PLAIN)
 
 
-def _key(pipe, *, dtype: str) -> dict:
-    """What a kept conversion was made from: the UNet object, its LoRAs and the precision."""
+def _key(pipe) -> dict:
+    """What a kept conversion was made from: the UNet object, its LoRAs and its precision (OpenVINO's, too)."""
     from sdkit import loras
 
-    return {"the UNet": id(pipe.unet), "the LoRAs": tuple(loras.active(pipe)), "the precision": dtype}
+    return {"the UNet": id(pipe.unet), "the LoRAs": tuple(loras.active(pipe)),
+            "the precision": str(pipe.unet.dtype).removeprefix("torch.")}
 
 
-def converted(pipe, *, dtype: str) -> bool:
+def converted(pipe) -> bool:
     """Whether the pipeline holds a conversion for its UNet as it is now (the next picture converts nothing)."""
     kept = pipe.__dict__.get("_sdkit_openvino")
-    return kept is not None and kept[0] == _key(pipe, dtype=dtype)
+    return kept is not None and kept[0] == _key(pipe)
 
 
 def memory_needed_gib(unet: torch.nn.Module) -> float:
@@ -179,16 +180,16 @@ def memory_needed_gib(unet: torch.nn.Module) -> float:
     return 2 * 4 * sum(p.numel() for p in unet.parameters()) / 2**30
 
 
-def engine(pipe, *, dtype: str) -> tuple[Engine, str | None]:
-    """The pipeline's OpenVINO UNet for its current UNet, LoRAs and dtype, converting it when there is none yet; and
-    a note saying how long a conversion took (None when the kept one was used)."""
-    key = _key(pipe, dtype=dtype)
+def engine(pipe) -> tuple[Engine, str | None]:
+    """The pipeline's OpenVINO UNet for its current UNet, LoRAs and precision, converting it when there is none yet;
+    and a note saying how long a conversion took (None when the kept one was used)."""
+    key = _key(pipe)
     kept = pipe.__dict__.get("_sdkit_openvino")
     if kept is not None and kept[0] == key:
         return kept[1], None
     pipe.__dict__.pop("_sdkit_openvino", None)  # the old conversion's memory goes before the new one is made
     try:
-        made = Engine(pipe.unet, dtype=dtype)
+        made = Engine(pipe.unet, dtype=key["the precision"])
     except Exception as error:  # noqa: BLE001 - OpenVINO's own errors (and MemoryError) become one line with a fix
         raise _failed("convert the UNet", error) from error
     pipe.__dict__["_sdkit_openvino"] = (key, made)
@@ -206,13 +207,13 @@ def _failed(doing: str, error: BaseException) -> SdkitError:
 
 
 @contextlib.contextmanager
-def running(pipe, *, on: bool, dtype: str, notes: list[str] | None = None):
+def running(pipe, *, on: bool, notes: list[str] | None = None):
     """While inside, the pipeline's UNet calls run in OpenVINO when `on` (and the call is a plain one, see `takes`);
     a conversion's note is added to `notes`."""
     if not on:
         yield None
         return
-    made, note = engine(pipe, dtype=dtype)
+    made, note = engine(pipe)
     if note and notes is not None:
         notes.append(note)
     calls = {"openvino": 0, "pytorch": 0}

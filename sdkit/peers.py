@@ -263,11 +263,11 @@ class _SdkitRunner:
         self.size, self.torch = size, torch
         choice = device.choose(device.report())["unet"]
         self.note = f"{choice.dtype}{' in OpenVINO' if choice.backend == 'openvino' else ''}: {choice.reason}"
-        self.openvino, self.dtype = choice.backend == "openvino", choice.dtype
+        self.openvino = choice.backend == "openvino"
         if self.openvino:  # converted at load, as the first picture would: its seconds count in load_s
             from sdkit import openvino_unet
 
-            openvino_unet.engine(self.pipe, dtype=choice.dtype)
+            openvino_unet.engine(self.pipe)
         torch.manual_seed(0)
         side = size // 8
         dtype = self.pipe.unet.dtype
@@ -285,7 +285,7 @@ class _SdkitRunner:
         with torch.inference_mode():
             if part.startswith("unet_step"):
                 batch = 2 if part == "unet_step_cfg" else 1
-                with openvino_unet.running(self.pipe, on=self.openvino, dtype=self.dtype):
+                with openvino_unet.running(self.pipe, on=self.openvino):
                     self.pipe.unet(self.sample[batch], torch.tensor(500), self.context[batch])
             elif part == "vae_decode":
                 vae.decode(self.pipe, self.latents)

@@ -102,6 +102,11 @@ def candidates(report) -> list[tuple[str, str]]:
     return [(dtype, way) for dtype in dtypes for way in ways]
 
 
+def _names(report) -> set[str]:
+    """The candidates' names here, as the saved file keys them ('bfloat16 openvino', ...)."""
+    return {f"{dtype} {way}" for dtype, way in candidates(report)}
+
+
 def _level():
     """One UNet level at SD1.5's first-level widths (320 channels, 8 heads, CLIP-L context): the UNet's costliest."""
     import torch
@@ -182,7 +187,7 @@ def save(measurement: Measurement) -> Path:
 def complete(report) -> bool:
     """Whether the saved measurement timed every candidate there is here now (installing OpenVINO adds one)."""
     found = load(report)
-    return found is not None and set(found.seconds) == {f"{dtype} {way}" for dtype, way in candidates(report)}
+    return found is not None and set(found.seconds) == _names(report)
 
 
 def load(report) -> Measurement | None:
@@ -192,8 +197,7 @@ def load(report) -> Measurement | None:
         found = Measurement(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         return None
-    names = {f"{dtype} {layout}" for dtype, layout in candidates(report)}
     usable = (found.version == VERSION and found.key == machine_key(report) and isinstance(found.seconds, dict)
-              and found.seconds and set(found.seconds) <= names
+              and found.seconds and set(found.seconds) <= _names(report)
               and all(isinstance(s, (int, float)) and s > 0 for s in found.seconds.values()))
     return found if usable else None

@@ -110,17 +110,17 @@ def test_without_the_memory_to_convert_it_runs_in_pytorch_and_says_so(monkeypatc
     monkeypatch.setattr(openvino_unet, "memory_needed_gib", lambda unet: 1e6)  # more than any machine has free
     image = generate(pipe, SHAPES, progress=False)[0]
     assert any("converting it needs about 1000000.0 GiB and" in note for note in image.sdkit_notes)
-    assert not openvino_unet.converted(pipe, dtype="float32")
+    assert not openvino_unet.converted(pipe)
     monkeypatch.setattr(openvino_unet, "memory_needed_gib", lambda unet: 0.0)
     generate(pipe, SHAPES, progress=False)
-    assert openvino_unet.converted(pipe, dtype="float32")
+    assert openvino_unet.converted(pipe)
 
 
 def test_calls_it_does_not_take_run_in_pytorch(monkeypatch):
     pipe = load(monkeypatch, backend="pytorch")
     dim = pipe.unet.config.cross_attention_dim
     sample, context = torch.randn(1, 4, 8, 8), torch.randn(1, 77, dim)
-    with torch.inference_mode(), openvino_unet.running(pipe, on=True, dtype="float32") as calls:
+    with torch.inference_mode(), openvino_unet.running(pipe, on=True) as calls:
         plain = pipe.unet(sample, 500, encoder_hidden_states=context).sample
         pipe.unet(sample, 500, encoder_hidden_states=context, cross_attention_kwargs={"scale": 1.0})
         pipe.unet(sample.expand(2, -1, -1, -1), torch.tensor([1, 2]), encoder_hidden_states=context.expand(2, -1, -1))
