@@ -38,8 +38,11 @@ lab: $(STAMP)
 	@echo "Starting JupyterLab on notebooks/ (the URL with its token is printed below)."
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
 
+# One pytest worker per core (up to 4; each notebook and test file stays in one worker), each with one torch thread:
+# most tests run tiny models whose time is Python's, not arithmetic's, so this halves the run on 2 cores.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	  -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 # The fuzz tests with tens of thousands of examples each (over 100,000 in all; SDKIT_FUZZ_EXAMPLES per test).
 fuzz: $(STAMP)

@@ -149,7 +149,7 @@ def test_bad_settings_show_one_line_and_panel_keeps_working(panel):
 
 def test_nan_from_vae_is_one_line(tiny_files, tmp_path):
     pipe = checkpoints.load(tiny_files["sd1"])
-    p = widgets.Panel(pipe, settings=FAST.replace(width=256, height=256, steps=2), auto_run=False)
+    p = widgets.Panel(pipe, settings=FAST.replace(steps=2), auto_run=False)
     bias = pipe.vae.decoder.conv_out.bias
     kept = bias.detach().clone()
     try:
