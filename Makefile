@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sdkit-installed
 ARGS ?=
+# glibc's malloc settings that let each UNet step reuse the last one's memory (sdkit/allocator.py); read at start
+MALLOC_TUNABLES := GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # PyTorch: the CPU build by default, torch with the torchvision made for it (spandrel, which
@@ -36,12 +38,12 @@ lab: $(STAMP)
 	@# Once per machine: which precision and memory layout run the UNet fastest here (sdkit.speed, ~15 s).
 	$(PY) -m sdkit device --measure missing
 	@echo "Starting JupyterLab on notebooks/ (the URL with its token is printed below)."
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
+	$(MALLOC_TUNABLES) $(VENV)/bin/jupyter lab --notebook-dir=notebooks $(ROOT_FLAG) $(ARGS)
 
 # One pytest worker per core (up to 4; each notebook and test file stays in one worker), each with one torch thread:
 # most tests run tiny models whose time is Python's, not arithmetic's, so this halves the run on 2 cores.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
+	$(MALLOC_TUNABLES) HF_HUB_OFFLINE=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env \
 	  -p no:cacheprovider -n auto --maxprocesses 4 --dist loadfile
 
 # The fuzz tests with tens of thousands of examples each (over 100,000 in all; SDKIT_FUZZ_EXAMPLES per test).

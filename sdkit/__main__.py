@@ -203,6 +203,12 @@ def _bench(args: argparse.Namespace) -> None:
                            progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else peers.format_table(result))
         return
+    if args.allocator:
+        from sdkit.bench import allocator, format_allocator
+
+        result = allocator(size=args.size, rounds=args.rounds or 3, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else format_allocator(result))
+        return
     if args.fast_mode:
         from sdkit.bench import fast_mode, format_fast
 
@@ -322,11 +328,13 @@ def parser() -> argparse.ArgumentParser:
                    help="sdkit beside OpenVINO and stable-diffusion.cpp on one SD1.5 file (pip install '.[peers]')")
     s.add_argument("--fast-mode", action="store_true",
                    help="only fast mode: one SD1.5 image full and fast, and its quality cost on shapes-v1")
+    s.add_argument("--allocator", action="store_true",
+                   help="only the UNet step with glibc's malloc defaults vs sdkit's tunables, in new processes")
     s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
     s.add_argument("--engines", help="with --peers: which engines, comma-separated (default: all installed but the "
                                      "fp32-forced sdkit_fp32 and openvino_f32)")
-    s.add_argument("--size", type=int, default=512, help="with --peers or --fast-mode: image side in pixels")
-    s.add_argument("--rounds", type=int, help="with --peers (default 5) or --fast-mode (default 1): interleaved rounds")
+    s.add_argument("--size", type=int, default=512, help="with --peers, --fast-mode or --allocator: image side in pixels")
+    s.add_argument("--rounds", type=int, help="with --peers (default 5), --fast-mode (1) or --allocator (3): interleaved rounds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench)
 
@@ -369,4 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from sdkit import allocator
+
+    allocator.restart_with_tunables()  # before torch is imported: glibc reads its malloc settings only at start
     sys.exit(main())

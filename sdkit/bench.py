@@ -636,13 +636,13 @@ def vae_memory(*, sizes: tuple[int, ...] = (1024, 2048), family: str = "sd1") ->
     return {f"{size}_{how}": _in_new_process(_DECODE, size, how, family) for size in sizes for how in ("whole", "tiled")}
 
 
-def _in_new_process(script: str, *args: object) -> dict:
+def _in_new_process(script: str, *args: object, env: dict[str, str] | None = None) -> dict:
     """Run a measuring script in a fresh Python (so its peak memory is its own); its last printed line, as JSON, or
     the error it ended with."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, env=env)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or ["killed"])[-1][:200]}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -678,6 +678,81 @@ def upscale_memory(*, sizes: tuple[int, ...] = (1024,), shape: tuple[int, int] =
     this machine's dtype), in 512 px tiles and in one piece, each in a new process."""
     return {f"{size}_{how}": _in_new_process(_UPSCALE, size, how, tile if how == "tiled" else size, *shape)
             for size in sizes for how in ("tiled", "whole")}
+
+
+_STEP = """
+import json, resource, statistics, sys, threading, time, torch
+from sdkit import allocator, bench, device, optimize, speed
+from sdkit.checkpoints import from_shipped_config
+size, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+choice = device.choose(device.report())["unet"]
+torch.manual_seed(0)
+unet = from_shipped_config("sd1", "unet") if model == "sd1" else speed._level()  # the level: a quick stand-in (tests)
+unet = optimize.prepare(unet.to(choice.torch_dtype).eval(), part="unet", choice=choice)
+layout = optimize.memory_format(part="unet", choice=choice)
+sample = torch.randn(2, 4, size // 8, size // 8, dtype=choice.torch_dtype).contiguous(memory_format=layout)
+context, t = torch.randn(2, 77, 768, dtype=choice.torch_dtype), torch.tensor([500.0])
+rows = []
+def run():  # in a worker thread, as the panel runs a picture
+    with torch.inference_mode():
+        unet(sample, t, context)
+        for _ in range(steps):
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            unet(sample, t, context)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            rows.append((time.perf_counter() - start, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime))
+bench._peak_reset()
+worker = threading.Thread(target=run)
+worker.start(); worker.join()
+print(json.dumps({"seconds": [round(r[0], 3) for r in rows], "page_faults": round(statistics.median(r[1] for r in rows)),
+                  "system_seconds": round(statistics.median(r[2] for r in rows), 3), "peak_rss_gib": round(bench.peak_rss_gib(), 2),
+                  "dtype": str(choice.torch_dtype).removeprefix("torch."), "tunables": allocator.active()}))
+"""
+
+
+def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = "sd1", progress: bool = True) -> dict:
+    """One SD1.5 UNet CFG step (random weights, this machine's dtype and layout; model="level": its first level only)
+    in a worker thread, in new processes that alternate glibc's malloc defaults and sdkit's tunables (sdkit.allocator):
+    seconds, page faults and system seconds per step, peak RSS."""
+    from tqdm.auto import tqdm
+
+    from sdkit import allocator as tunables
+
+    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {tunables.OPT_OUT: "1"}
+    envs = {"glibc_defaults": plain, "sdkit_tunables": tunables.environment({k: v for k, v in plain.items()
+                                                                           if k != tunables.OPT_OUT})}
+    runs: dict[str, list[dict]] = {name: [] for name in envs}
+    with tqdm(total=rounds * len(envs), desc="allocator", disable=not progress) as bar:
+        for _ in range(rounds):
+            for name, env in envs.items():
+                runs[name].append(_in_new_process(_STEP, size, steps, model, env=env))
+                bar.update()
+    result: dict = {"size": size, "rounds": rounds, "steps_per_round": steps}
+    for name, found in runs.items():
+        if any("error" in r for r in found):
+            result[name] = {"error": next(r["error"] for r in found if "error" in r)}
+            continue
+        result[name] = {"step_seconds_median": round(statistics.median(s for r in found for s in r["seconds"]), 3),
+                        "step_seconds": [s for r in found for s in r["seconds"]],
+                        "page_faults_per_step": round(statistics.median(r["page_faults"] for r in found)),
+                        "system_seconds_per_step": round(statistics.median(r["system_seconds"] for r in found), 3),
+                        "peak_rss_gib": max(r["peak_rss_gib"] for r in found), "dtype": found[0]["dtype"],
+                        "tunables_active": found[0]["tunables"]}
+    return result
+
+
+def format_allocator(result: dict) -> str:
+    """The allocator comparison as a small table."""
+    lines = [f"SD1.5 UNet CFG step at {result['size']}² in a worker thread, {result['rounds']} processes each way:",
+             f"{'malloc':<16} {'median step':>12} {'page faults':>12} {'system s':>9} {'peak RSS':>9}"]
+    for name in ("glibc_defaults", "sdkit_tunables"):
+        row = result[name]
+        if "error" in row:
+            lines.append(f"{name:<16} failed: {row['error']}")
+            continue
+        lines.append(f"{name:<16} {row['step_seconds_median']:>10.2f} s {row['page_faults_per_step']:>12,} "
+                     f"{row['system_seconds_per_step']:>7.2f} s {row['peak_rss_gib']:>5.2f} GiB  ({row['dtype']})")
+    return "\n".join(lines)
 
 
 def bench(*, quick: bool = False, progress: bool = True) -> dict:

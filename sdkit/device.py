@@ -69,6 +69,10 @@ class DeviceReport:
             if choice.backend == "openvino":
                 layout = " in OpenVINO"
             lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
+        if self.accelerator == "none":
+            from sdkit import allocator
+
+            lines.append(f"memory       {allocator.describe()}")
         if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
             lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
                          "--measure` times each precision and layout (and OpenVINO, where installed) here (about a minute) "

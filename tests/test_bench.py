@@ -173,3 +173,12 @@ def test_token_merging_steps_time_both_ways_at_each_size():
                               "quality": {"model": "m", "images": 1, "accuracy": {"full": 1, "fast": 1},
                                           "psnr_db": 20.0, "ssim": 0.5, "pairs": 1}})
     assert "token merging 50% alone, UNet step with CFG at 128²" in text
+
+
+def test_allocator_compares_glibc_defaults_with_the_tunables_in_new_processes():
+    result = bench.allocator(size=256, rounds=1, steps=1, model="level", progress=False)
+    defaults, tuned = result["glibc_defaults"], result["sdkit_tunables"]
+    assert not defaults["tunables_active"] and tuned["tunables_active"]
+    assert defaults["page_faults_per_step"] > 10 * max(tuned["page_faults_per_step"], 100)
+    assert len(tuned["step_seconds"]) == 1 and tuned["peak_rss_gib"] > 0
+    assert "page faults" in bench.format_allocator(result)
