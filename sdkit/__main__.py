@@ -376,8 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The `sdkit` command and `python -m sdkit`: restarted once with sdkit's malloc settings, then main()."""
     from sdkit import allocator
 
     allocator.restart_with_tunables()  # before torch is imported: glibc reads its malloc settings only at start
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

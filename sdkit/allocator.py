@@ -11,6 +11,7 @@ faults and 2.14 s became 12,700 and 0.18 s, the step 11.98 -> 11.12 s; peak RSS 
 Written by hand because no kept library sets malloc's behaviour: jemalloc or tcmalloc would need LD_PRELOAD, and glibc
 reads these tunables only at start (mallopt in a running process does not reach the arenas threads already have). So
 the CLI restarts itself with them, and `make lab` starts JupyterLab with them: its kernels inherit them.
+After each picture the heap's free pages go back to the OS (`trim`), so a kernel does not hold a big decode's memory.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TUNABLES = {
     "glibc.malloc.trim_threshold": str(2**31 - 1),  # free space at the heap's top is kept between steps
 }
 OPT_OUT = "SDKIT_KEEP_MALLOC"  # set to 1: the CLI does not restart itself, glibc keeps its defaults
+RESTARTED = "SDKIT_MALLOC_RESTARTED"  # set by the restart: a second start never restarts again
 
 
 def applies() -> bool:
@@ -55,16 +57,51 @@ def environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def restart_with_tunables() -> None:
     """Start this same command again with TUNABLES (once; nothing is imported or done before it), where they apply."""
-    if applies() and not active() and os.environ.get(OPT_OUT) != "1":
-        env = environment() | {OPT_OUT: "1"}  # a second start does not restart again, even if glibc ignored them
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    if not applies() or active() or os.environ.get(OPT_OUT) == "1" or os.environ.get(RESTARTED) == "1":
+        return
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment() | {RESTARTED: "1"})
+    except OSError:  # cannot start Python again (a locked-down system): run on with glibc's defaults
+        pass
+
+
+def in_effect() -> bool:
+    """Whether this process's malloc runs with them: a 40 MiB block comes from the heap, not a mapping of its own
+    (glibc's defaults map anything over 32 MiB). Read from glibc (mallinfo2), so a GLIBC_TUNABLES set after start
+    does not count."""
+    if not applies():
+        return False
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                     "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.free.argtypes, libc.mallinfo2.restype = ctypes.c_void_p, [ctypes.c_void_p], Info
+        block = libc.malloc(40 * 2**20)
+        mapped = libc.mallinfo2().hblkhd
+        libc.free(block)
+    except (OSError, AttributeError):  # glibc older than 2.33 has no mallinfo2: the environment is the best guess
+        return active()
+    return mapped < 40 * 2**20
+
+
+def trim() -> None:
+    """Hand the heap's free pages back to the OS (after a picture: steps reuse memory, pictures need not hold it)."""
+    if applies():
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def describe() -> str:
     """One line for `python -m sdkit device`: whether freed memory is reused in this process, and how to get it."""
     if not applies():
         return "this platform's malloc keeps its own defaults (the glibc settings sdkit uses apply on Linux)"
-    if active():
+    if in_effect():
         return ("freed blocks are reused between steps (glibc tunables set at start: one arena, no separate mappings); "
                 "without them an SD1.5 step at 512² spent 0.5 s (bf16) to 2.1 s (fp32) in page faults")
     return (f"glibc's defaults: big tensors are mapped and page-faulted afresh each step (0.5 s of an SD1.5 bf16 "

@@ -706,7 +706,8 @@ worker = threading.Thread(target=run)
 worker.start(); worker.join()
 print(json.dumps({"seconds": [round(r[0], 3) for r in rows], "page_faults": round(statistics.median(r[1] for r in rows)),
                   "system_seconds": round(statistics.median(r[2] for r in rows), 3), "peak_rss_gib": round(bench.peak_rss_gib(), 2),
-                  "dtype": str(choice.torch_dtype).removeprefix("torch."), "tunables": allocator.active()}))
+                  "dtype": str(choice.torch_dtype).removeprefix("torch."), "layout": choice.layout,
+                  "tunables": allocator.in_effect(), "faults_each": [r[1] for r in rows]}))
 """
 
 
@@ -718,9 +719,8 @@ def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = 
 
     from sdkit import allocator as tunables
 
-    plain = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {tunables.OPT_OUT: "1"}
-    envs = {"glibc_defaults": plain, "sdkit_tunables": tunables.environment({k: v for k, v in plain.items()
-                                                                           if k != tunables.OPT_OUT})}
+    plain = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", tunables.OPT_OUT)}
+    envs = {"glibc_defaults": plain, "sdkit_tunables": tunables.environment(plain)}
     runs: dict[str, list[dict]] = {name: [] for name in envs}
     with tqdm(total=rounds * len(envs), desc="allocator", disable=not progress) as bar:
         for _ in range(rounds):
@@ -736,8 +736,9 @@ def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = 
                         "step_seconds": [s for r in found for s in r["seconds"]],
                         "page_faults_per_step": round(statistics.median(r["page_faults"] for r in found)),
                         "system_seconds_per_step": round(statistics.median(r["system_seconds"] for r in found), 3),
-                        "peak_rss_gib": max(r["peak_rss_gib"] for r in found), "dtype": found[0]["dtype"],
-                        "tunables_active": found[0]["tunables"]}
+                        "page_faults_each_step": [f for r in found for f in r["faults_each"]],
+                        "peak_rss_gib_largest": max(r["peak_rss_gib"] for r in found), "dtype": found[0]["dtype"],
+                        "layout": found[0]["layout"], "tunables_active": found[0]["tunables"]}
     return result
 
 
@@ -751,7 +752,8 @@ def format_allocator(result: dict) -> str:
             lines.append(f"{name:<16} failed: {row['error']}")
             continue
         lines.append(f"{name:<16} {row['step_seconds_median']:>10.2f} s {row['page_faults_per_step']:>12,} "
-                     f"{row['system_seconds_per_step']:>7.2f} s {row['peak_rss_gib']:>5.2f} GiB  ({row['dtype']})")
+                     f"{row['system_seconds_per_step']:>7.2f} s {row['peak_rss_gib_largest']:>5.2f} GiB  "
+                     f"({row['dtype']}, {row['layout']})")
     return "\n".join(lines)
 
 
@@ -760,8 +762,11 @@ def bench(*, quick: bool = False, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     report = device.report()
+    from sdkit import allocator as tunables
+
     result: dict = {"machine": {"cpu": report.cpu, "cores": report.cores, "threads": torch.get_num_threads(),
-                                "isa": report.isa, "accelerator": report.accelerator, "torch": report.torch_version},
+                                "isa": report.isa, "accelerator": report.accelerator, "torch": report.torch_version,
+                                "malloc_tunables": tunables.in_effect()},
                     "quick": quick}
     peaks = {dtype: round(gemm_peak(dtype=dtype, window=1.0 if quick else 5.0), 1) for dtype in ("float32", "bfloat16")}
     names = QUICK if quick else tuple(CASES)

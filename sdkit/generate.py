@@ -412,9 +412,14 @@ def generate(pipe, settings: GenerationSettings, *, progress: bool = True, cance
     """
     import threading
 
+    from sdkit import allocator
+
     lock = pipe.__dict__.setdefault("_sdkit_lock", threading.RLock())
     with lock:
-        return _generate(pipe, settings, progress=progress, cancel=cancel, on_step=on_step)
+        try:
+            return _generate(pipe, settings, progress=progress, cancel=cancel, on_step=on_step)
+        finally:
+            allocator.trim()  # the steps reused memory; between pictures it goes back to the OS
 
 
 def _unet_engine(pipe, settings: GenerationSettings, *, controlled: bool, notes: list[str]) -> str:

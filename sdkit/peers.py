@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from importlib import metadata as package_metadata
 from pathlib import Path
 
+from sdkit import allocator
 from sdkit.errors import SdkitError
 from sdkit.openvino_unet import no_telemetry
 
@@ -155,7 +156,7 @@ def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, siz
     engines = [e for e in (engines or [n for n in here if ENGINES[n].default]) if e in here]
     threads = threads or torch.get_num_threads()
     result: dict = {"machine": {"cpu": report.cpu, "cores": report.cores, "isa": report.isa, "threads": threads,
-                                "torch": report.torch_version},
+                                "torch": report.torch_version, "malloc_tunables": allocator.active()},
                     "size": size, "rounds": rounds, "missing": missing,
                     "versions": {p: version(p) for p in PACKAGES}, "engines": {}, "peers": {}}
     with tempfile.TemporaryDirectory(prefix="sdkit-peers-") as folder:

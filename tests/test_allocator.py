@@ -26,7 +26,7 @@ print(found[-1])
 
 def _plain() -> dict[str, str]:
     """This environment without any glibc tunables or the opt-out."""
-    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
+    return {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT, allocator.RESTARTED)}
 
 
 def _faults(env: dict[str, str]) -> int:
@@ -37,8 +37,9 @@ def _faults(env: dict[str, str]) -> int:
 def test_the_tunables_stop_fresh_page_faults_in_a_worker_thread():
     assert allocator.applies(), "this test machine runs glibc on Linux"
     defaults, tuned = _faults(_plain()), _faults(allocator.environment(_plain()))
-    assert defaults > 30_000, f"by default each 32 MiB activation is mapped afresh (8,192 pages): {defaults}"
-    assert tuned < 2_000, f"with the tunables the same pages serve every run: {tuned} faults"
+    # 8,192 faults per 32 MiB activation in 4 KiB pages; where the kernel gives huge pages to every mapping (THP
+    # "always") 16 per activation, so the check is the ratio
+    assert defaults > 10 * tuned + 20, f"defaults {defaults} faults, the tunables {tuned}: the same pages serve"
 
 
 def test_environment_adds_the_tunables_and_keeps_the_users_own():
@@ -55,6 +56,18 @@ def test_the_cli_restarts_itself_with_them_unless_told_not_to():
                              check=True).stdout
         return next(line for line in out.splitlines() if line.startswith("memory"))
 
-    assert "freed blocks are reused" in device_line(_plain())
+    assert "freed blocks are reused" in device_line(_plain()), "restarted once, and glibc took the settings"
     kept = device_line(_plain() | {allocator.OPT_OUT: "1"})
     assert "glibc's defaults" in kept and "GLIBC_TUNABLES=glibc.malloc.arena_max=1" in kept
+
+
+def test_in_effect_reads_glibc_not_the_environment():
+    script = "from sdkit import allocator; print(allocator.in_effect(), allocator.active())"
+    run = lambda env: subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,  # noqa: E731
+                                     check=True).stdout.split()
+    assert run(allocator.environment(_plain())) == ["True", "True"]
+    assert run(_plain()) == ["False", "False"]
+    late = ("import os; from sdkit import allocator; os.environ.update(allocator.environment()); "
+            "print(allocator.in_effect(), allocator.active())")
+    assert subprocess.run([sys.executable, "-c", late], env=_plain(), capture_output=True, text=True,
+                          check=True).stdout.split() == ["False", "True"], "set after start: glibc never read it"
