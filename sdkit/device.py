@@ -236,15 +236,12 @@ def report() -> DeviceReport:
 
 def return_free_memory() -> None:
     """Collect garbage and hand freed heap memory back to the OS (glibc keeps big freed blocks otherwise)."""
-    import ctypes
-    import ctypes.util
     import gc
 
+    from sdkit import allocator
+
     gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to do
-        pass
+    allocator.trim()  # malloc_trim where glibc runs; other platforms' allocators give memory back themselves
 
 
 def matmul_gflops(*, dtype: str = "float32", size: int = 1024, repeats: int = 5, seconds: float = 0.0,
