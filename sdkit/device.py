@@ -72,7 +72,10 @@ class DeviceReport:
         if self.accelerator == "none":
             from sdkit import allocator
 
+            from sdkit import packing
+
             lines.append(f"memory       {allocator.describe()}")
+            lines.append(f"convolution  {packing.describe()}")
         if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
             lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
                          "--measure` times each precision and layout (and OpenVINO, where installed) here (about a minute) "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sdkit import packing
 from sdkit.device import Choice
 
 CONV_PARTS = ("unet", "vae")  # convolution-heavy parts, which oneDNN runs faster in channels-last
@@ -33,10 +34,15 @@ def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Mo
             logging.set_verbosity(level)
     if part in CONV_PARTS:
         model = model.to(memory_format=memory_format(part=part, choice=choice))
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if part == "unet" and packing.wanted(model, device=choice.device)[0]:  # UNets and ControlNets: deep convolutions
+        packing.pack(model)
+    return model
 
 
 def describe(*, part: str, choice: Choice) -> str:
     """One line saying what `prepare` does to this part and why."""
     layout = ", channels-last (oneDNN's fast layout for convolutions)" if _channels_last(part, choice) else ""
+    if part == "unet" and choice.device == "cpu" and packing.available():
+        layout += ", convolution weights packed once (where memory allows)"
     return f"{choice.device} {choice.dtype}{layout}, PyTorch scaled-dot-product attention: {choice.reason}"

@@ -1,0 +1,96 @@
+"""Convolution weights packed once into oneDNN's blocked layout, instead of on every call.
+
+PyTorch hands oneDNN each convolution's weight in plain order, and oneDNN reorders it into the blocked layout its
+AMX / AVX-512 kernels read, on every call (ONEDNN_VERBOSE=1 shows a `reorder` before each `brg_conv_fwd`). For
+SD1.5's deep convolutions (2560 -> 1280 channels at 8x8 or 16x16 latent positions) that reorder takes longer than
+the convolution itself; OpenVINO packs once when it compiles. Here each UNet convolution keeps a packed copy beside
+its plain weight, which LoRA merges, the OpenVINO conversion and `state_dict` still read and write. A weight changed
+in place (a LoRA merged into it) is packed again on its next call. The cost is memory: a second copy of the
+convolution weights (1.1 GiB for SD1.5 in bf16), so the UNet is packed only where that much is free besides HEADROOM.
+
+Written by hand because no kept library does it for eager modules: PyTorch's inductor packs the same way
+(`torch.ops.mkldnn._reorder_convolution_weight`, `_convolution_pointwise`) only inside `torch.compile` with
+freezing, which compiled the SD1.5 UNet in 79 s here and froze LoRA weights out of reach.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import weakref
+
+import torch
+
+HEADROOM_GIB = 2.0  # memory left free after the packed copies, for the picture's activations and the VAE decode
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # conv module -> (key, packed weight); outside the
+# modules so `copy.deepcopy` (the OpenVINO conversion's fp32 copy) and `state_dict` never see an opaque oneDNN tensor
+
+
+def available() -> bool:
+    """Whether this PyTorch can run packed convolutions (oneDNN built in, the mkldnn ops present)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+def convolutions(model: torch.nn.Module) -> list[torch.nn.Conv2d]:
+    """The model's 2-D convolutions that a packed weight can run: zero padding given in numbers."""
+    return [m for m in model.modules() if type(m) is torch.nn.Conv2d and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)]
+
+
+def packed_gib(model: torch.nn.Module) -> float:
+    """GiB the packed copies of the model's convolution weights take."""
+    return sum(m.weight.numel() * m.weight.element_size() for m in convolutions(model)) / 2**30
+
+
+def wanted(model: torch.nn.Module, *, device: str) -> tuple[bool, str]:
+    """(pack?, why): on a CPU with oneDNN where the copies fit beside HEADROOM_GIB free; SDKIT_PACK=0 turns it off."""
+    import psutil
+
+    if os.environ.get("SDKIT_PACK") == "0":
+        return False, "SDKIT_PACK=0"
+    if device != "cpu" or not available():
+        return False, "oneDNN packs only on a CPU"
+    size = packed_gib(model)
+    free = psutil.virtual_memory().available / 2**30
+    if free < size + HEADROOM_GIB:
+        return False, f"the packed copies ({size:.1f} GiB) would leave under {HEADROOM_GIB:.0f} GiB of {free:.1f} free"
+    return True, f"convolution weights packed once for oneDNN (+{size:.2f} GiB)"
+
+
+def describe() -> str:
+    """One line for `python -m sdkit device`: whether UNet convolutions run on packed weights here, and why."""
+    if os.environ.get("SDKIT_PACK") == "0":
+        return "UNet convolution weights reordered on every call (SDKIT_PACK=0)"
+    if not available():
+        return "UNet convolution weights reordered on every call (this PyTorch has no oneDNN)"
+    return (f"UNet convolution weights packed once for oneDNN where the copy fits with {HEADROOM_GIB:.0f} GiB to spare "
+            "(SD1.5 bf16: +1.1 GiB), not reordered on every call; SDKIT_PACK=0 turns it off")
+
+
+def pack(model: torch.nn.Module) -> int:
+    """Run each of the model's convolutions on a packed weight from its next call on; how many."""
+    found = convolutions(model)
+    for conv in found:
+        conv.forward = types.MethodType(_forward, conv)  # a bound method: a deep copy rebinds it to the copy
+    return len(found)
+
+
+def is_packed(model: torch.nn.Module) -> bool:
+    """Whether `pack` was applied to this model."""
+    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _forward for m in convolutions(model))
+
+
+def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients)."""
+    weight = conv.weight
+    if (x.device.type != "cpu" or x.dtype != weight.dtype or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and weight.requires_grad)):
+        return torch.nn.Conv2d.forward(conv, x)
+    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    key = (weight._version, weight.data_ptr(), weight.dtype)
+    held = _PACKED.get(conv)
+    if held is None or held[0] != key:  # new weights (a LoRA merged, a cast): pack again
+        _PACKED.pop(conv, None)  # the old copy goes before the new one is made
+        # packed for this call's sizes; other sizes give the same numbers (oneDNN adapts it), checked in the tests
+        held = _PACKED[conv] = (key, torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)))
+    return torch.ops.mkldnn._convolution_pointwise(x, held[1], conv.bias, *args, "none", [], "")
