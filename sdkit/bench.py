@@ -284,32 +284,49 @@ def _quiet_stderr():
         os.close(saved)
 
 
+def gflop_by_kind(case: Case) -> dict[str, float]:
+    """GFLOP of one call by operator kind (KINDS, and "other"), counted on the meta device."""
+    gflop = dict.fromkeys((*KINDS, "other"), 0.0)
+    for op, amount in gflop_by_op(case).items():
+        gflop[_flop_kind(op)] += amount
+    return gflop
+
+
+def profile_kinds(call: Callable[[], object]) -> dict[str, float]:
+    """Seconds of one call by operator kind (KINDS, and "other"), the operators' own time in PyTorch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    spent = dict.fromkeys((*KINDS, "other"), 0.0)
+    for event in prof.key_averages():
+        spent[_kind(event.key)] += event.self_cpu_time_total / 1e6
+    return spent
+
+
+def kind_table(spent: dict[str, float], gflop: dict[str, float]) -> dict:
+    """Per kind: seconds, share of the call, GFLOP and GFLOP/s."""
+    total = sum(spent.values())
+    return {kind: {"seconds": round(spent[kind], 3), "share": round(spent[kind] / total, 3),
+                   "gflop": round(gflop[kind], 3),
+                   "gflops": round(gflop[kind] / spent[kind], 1) if spent[kind] and gflop[kind] else None}
+            for kind in spent}
+
+
 def breakdown(case: Case, *, model: torch.nn.Module | None = None) -> dict:
     """Where one call of sdkit's path spends its time, by kind of operator: seconds, share, GFLOP and GFLOP/s.
 
     `model` is the part already on sdkit's path and warmed up (as `bench_case` has it); else one is built.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    gflop = {kind: 0.0 for kind in (*KINDS, "other")}
-    for op, amount in gflop_by_op(case).items():
-        gflop[_flop_kind(op)] += amount
     choice = device.choose(device.report())[_part(case)]
     args = inputs(case, dtype=choice.torch_dtype, where=choice.device)
+    if model is None:  # built outside inference_mode: weights made inside it cannot be packed (sdkit.packing)
+        model = prepare(build(case, dtype=choice.torch_dtype), part=_part(case), choice=choice)
+        with torch.inference_mode():
+            model(**args)  # warm-up (packs the convolution weights)
     with torch.inference_mode():
-        if model is None:
-            model = prepare(build(case, dtype=choice.torch_dtype), part=_part(case), choice=choice)
-            model(**args)  # warm-up
-        with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
-            model(**args)
-    spent = {kind: 0.0 for kind in gflop}
-    for event in prof.key_averages():
-        spent[_kind(event.key)] += event.self_cpu_time_total / 1e6
-    total = sum(spent.values())
-    return {kind: {"seconds": round(spent[kind], 3), "share": round(spent[kind] / total, 3),
-                   "gflop": round(gflop[kind], 3),
-                   "gflops": round(gflop[kind] / spent[kind], 1) if spent[kind] and gflop[kind] else None}
-            for kind in gflop}
+        spent = profile_kinds(lambda: model(**args))
+    return kind_table(spent, gflop_by_kind(case))
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,8 @@ def _without_standins(unet):
 class Engine:
     """One UNet converted to OpenVINO, compiled for the last KEPT input sizes it was called with."""
 
-    def __init__(self, unet: torch.nn.Module, *, dtype: str, threads: int | None = None, model=None) -> None:
+    def __init__(self, unet: torch.nn.Module, *, dtype: str, threads: int | None = None, model=None,
+                 profile: bool = False) -> None:
         import torch
 
         no_telemetry()
@@ -115,7 +116,7 @@ class Engine:
         self.model = model if model is not None else convert(unet)  # `model`: an earlier conversion of this UNet
         self.convert_seconds = time.perf_counter() - started
         self.config = {"INFERENCE_PRECISION_HINT": PRECISION.get(dtype, "f32"), "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()}
+                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()} | ({"PERF_COUNT": True} if profile else {})
         self.core, self.ov = ov.Core(), ov
         self.compiled: dict[tuple, object] = {}  # by (sample shape, context shape), the last used last
 
@@ -143,6 +144,37 @@ class Engine:
                   context.float().contiguous().numpy()]
         out = compiled(inputs)[0]
         return torch.from_numpy(out.copy()).to(dtype=sample.dtype)
+
+
+    def kinds(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> dict[str, float]:
+        """Seconds of one call by operator kind (made with profile=True), see `kinds`."""
+        compiled = self._compile((tuple(sample.shape), tuple(context.shape)))
+        return kinds(compiled, [sample.float().contiguous().numpy(), timestep.float().reshape(1).numpy(),
+                                context.float().contiguous().numpy()])
+
+
+def kinds(compiled, inputs: list) -> dict[str, float]:
+    """Seconds of one call of a model compiled with PERF_COUNT, by the operator kinds `sdkit.bench` profiles PyTorch's
+    UNet in: convolution, matmul (OpenVINO's FullyConnected), attention (the nodes its fused attention came from:
+    softmax, scaled dot-product) and other. The second of two calls, the first having allocated."""
+    request = compiled.create_infer_request()
+    request.infer(inputs)
+    request.infer(inputs)
+    fused = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str)
+             for op in compiled.get_runtime_model().get_ordered_ops() if "originalLayersNames" in op.get_rt_info()}
+    spent = dict.fromkeys(("convolution", "matmul", "attention", "other"), 0.0)
+    for node in request.get_profiling_info():
+        spent[_kind(node.node_type, fused.get(node.node_name, ""))] += node.real_time.total_seconds()
+    return spent
+
+
+def _kind(node_type: str, fused: str) -> str:
+    """The kind of one compiled OpenVINO node, from its type and the names of the graph nodes fused into it."""
+    if "scaled_dot_product" in fused or "Softmax" in fused:
+        return "attention"
+    if node_type in ("Convolution", "Deconvolution", "GroupConvolution"):
+        return "convolution"
+    return "matmul" if node_type in ("FullyConnected", "MatMul") else "other"
 
 
 def _step_time(timestep, batch: int):

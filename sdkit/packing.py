@@ -81,10 +81,11 @@ def is_packed(model: torch.nn.Module) -> bool:
 
 
 def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients)."""
+    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients, a
+    weight made under inference_mode, whose in-place changes nothing could notice)."""
     weight = conv.weight
     if (x.device.type != "cpu" or x.dtype != weight.dtype or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and weight.requires_grad)):
+            or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference()):  # (no version counter)
         return torch.nn.Conv2d.forward(conv, x)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     key = (weight._version, weight.data_ptr(), weight.dtype)

@@ -160,7 +160,8 @@ def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, siz
                     "size": size, "rounds": rounds, "missing": missing,
                     "versions": {p: version(p) for p in PACKAGES}, "engines": {}, "peers": {}}
     with tempfile.TemporaryDirectory(prefix="sdkit-peers-") as folder:
-        if checkpoint is None:
+        written = checkpoint is None
+        if written:
             checkpoint = write_checkpoint(Path(folder) / "random-sd15.safetensors")
             device.return_free_memory()
             result["checkpoint"] = "random SD1.5 weights, real size, fp16 single file"
@@ -168,6 +169,7 @@ def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, siz
             result["checkpoint"] = Path(checkpoint).name
         workers: dict[str, Worker] = {}
         times: dict[str, dict[str, list[dict]]] = {}
+        kinds: dict[str, dict[str, float]] = {}
         try:
             for name in tqdm(engines, desc="loading engines", disable=not progress):
                 # one at a time: each loads alone, so load times and memory peaks do not overlap
@@ -186,12 +188,34 @@ def run(*, engines: list[str] | None = None, checkpoint: Path | None = None, siz
             for round_, part, name in tqdm(steps, desc="timing, interleaved", disable=not progress):
                 answer = workers[name].ask({"do": part, "round": round_})
                 times[name][part].append(answer)
+            kinds = _breakdowns(workers, live, progress=progress)
         finally:
             for worker in workers.values():
                 worker.close()
     for name, parts in times.items():
         result["peers"][name] = {part: _summary(answers) for part, answers in parts.items()}
+    result["cfg_rounds"] = cfg_rounds(result)
+    if kinds:
+        from sdkit.bench import Case, gflop_by_kind, kind_table
+
+        gflop = gflop_by_kind(Case("peers", "sd1", "unet", size, 2))  # the FLOPs of the run's own SD1.5 file
+        if not written:
+            gflop = dict.fromkeys(gflop, 0.0)
+        result["breakdown"] = {name: kind_table(spent, gflop) for name, spent in kinds.items()}
     return result
+
+
+def _breakdowns(workers: dict, names: list[str], *, rounds: int = 2, progress: bool) -> dict[str, dict[str, float]]:
+    """Each engine's UNet step with CFG by operator kind, profiled in turn `rounds` times; the fastest call of each."""
+    from tqdm.auto import tqdm
+
+    best: dict[str, dict[str, float]] = {}
+    for _, name in tqdm([(r, n) for r in range(rounds) for n in names if ENGINES[n].package != "sdcpp"],
+                        desc="profiling by operator kind", disable=not progress):
+        spent = workers[name].ask({"do": "breakdown"}).get("kinds")
+        if spent and (name not in best or sum(spent.values()) < sum(best[name].values())):
+            best[name] = spent
+    return best
 
 
 def _picks_bf16(loaded: dict) -> bool:
@@ -231,8 +255,37 @@ def format_table(result: dict) -> str:
     if ratio:
         verdict = "sdkit faster" if ratio > 1 else "OpenVINO faster" if ratio < 1 else "the same"
         lines.append(f"sdkit's UNet step with CFG vs OpenVINO's fastest (medians): {ratio:.3f}x ({verdict})")
+    pairs = result.get("cfg_rounds")
+    if pairs:
+        lines.append(f"  round by round ({pairs['against']}'s seconds over sdkit's, back to back): median "
+                     f"{pairs['median']:.3f}x; sdkit faster in {pairs['sdkit_faster']} of {pairs['rounds']} rounds "
+                     f"({', '.join(f'{r:.2f}' for r in pairs['ratios'])})")
+    if result.get("breakdown"):
+        lines += ["", "UNet step with CFG by operator kind (one profiled call each, the faster of two): seconds "
+                      "(GFLOP/s)"]
+        for name, table in result["breakdown"].items():
+            cells = [f"{kind} {row['seconds']:.2f}" + (f" ({row['gflops']:.0f})" if row["gflops"] else "")
+                     for kind, row in table.items()]
+            lines.append(f"  {name:<15} " + ", ".join(cells) + f"; total {sum(r['seconds'] for r in table.values()):.2f}")
     lines += [f"not run: {line}" for line in result["missing"]]
     return "\n".join(lines)
+
+
+def cfg_rounds(result: dict) -> dict | None:
+    """sdkit's UNet step with CFG against OpenVINO's faster row, round by round: each round ran the two back to back,
+    so a slow spell of a shared machine falls on both; OpenVINO's seconds over sdkit's (above 1: sdkit faster)."""
+    peers = result["peers"]
+    ours = peers.get("sdkit", {}).get("unet_step_cfg", {}).get("runs")
+    rivals = [n for n in ("openvino", "openvino_bf16") if "runs" in peers.get(n, {}).get("unet_step_cfg", {})]
+    if not ours or not rivals:
+        return None
+    rival = min(rivals, key=lambda n: peers[n]["unet_step_cfg"]["seconds"])
+    theirs = peers[rival]["unet_step_cfg"]["runs"]
+    if len(theirs) != len(ours):  # a failed run would pair the wrong rounds
+        return None
+    ratios = [round(t / o, 3) for o, t in zip(ours, theirs)]
+    return {"against": rival, "ratios": ratios, "median": round(statistics.median(ratios), 3),
+            "sdkit_faster": sum(r > 1 for r in ratios), "rounds": len(ratios)}
 
 
 def cfg_ratio(result: dict) -> float | None:
@@ -276,6 +329,15 @@ class _SdkitRunner:
         width = self.pipe.unet.config.cross_attention_dim
         self.context = {b: torch.randn(b, 77, width, dtype=dtype) for b in (1, 2)}
         self.latents = torch.randn(1, self.pipe.unet.config.in_channels, side, side)
+
+    def breakdown(self) -> dict[str, float] | None:
+        """A UNet step with CFG by operator kind, from PyTorch's profiler (None where OpenVINO runs the UNet)."""
+        from sdkit.bench import profile_kinds
+
+        if self.openvino:
+            return None
+        with self.torch.inference_mode():
+            return profile_kinds(lambda: self.pipe.unet(self.sample[2], self.torch.tensor(500), self.context[2]))
 
     def __call__(self, part: str) -> float:
         from sdkit import openvino_unet, vae
@@ -348,7 +410,8 @@ class _OpenvinoRunner:
         for batch in (2, 1):  # one file, two static batch sizes; both map the same weights file
             model = core.read_model(ir / "unet.xml")
             model.reshape({0: [batch, 4, size // 8, size // 8], 2: [batch, 77, 768]})
-            self.unet[batch] = core.compile_model(model, "CPU", config)
+            # PERF_COUNT: per-node times for `breakdown` (a clock read per node, ~2,000 nodes in a 2-4 s call)
+            self.unet[batch] = core.compile_model(model, "CPU", config | {"PERF_COUNT": True})
         self.decoder = core.compile_model(ir / "decoder.xml", "CPU", config)
         self.text = core.compile_model(ir / "text.xml", "CPU", config)
         self.tokenizer = _tokenizer("clip_l")
@@ -360,6 +423,12 @@ class _OpenvinoRunner:
         self.inputs = {b: [torch.randn(b, 4, side, side).numpy(), torch.tensor([500.0]).numpy(),
                            torch.randn(b, 77, 768).numpy()] for b in (1, 2)}
         self.latents = torch.randn(1, 4, side, side).numpy()
+
+    def breakdown(self) -> dict[str, float]:
+        """A UNet step with CFG by operator kind, from OpenVINO's per-node times."""
+        from sdkit.openvino_unet import kinds
+
+        return kinds(self.unet[2], self.inputs[2])
 
     def __call__(self, part: str) -> float:
         start = time.perf_counter()
@@ -546,6 +615,8 @@ def serve(engine: str, checkpoint: Path, size: int, threads: int, folder: Path) 
                     runner = _SdcppRunner(checkpoint, size, spec.precision, threads)
                 answer = {"load_s": round(time.perf_counter() - started, 1), "note": runner.note,
                           "peak_rss_gib": round(peak_rss_gib(), 2)}
+            elif request["do"] == "breakdown":
+                answer = {"kinds": getattr(runner, "breakdown", lambda: None)()}
             else:
                 part = request["do"]
                 if needs_round:

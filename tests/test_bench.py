@@ -167,7 +167,8 @@ def test_token_merging_steps_time_both_ways_at_each_size():
     assert [row["size"] for row in rows] == [64, 128]
     for row in rows:
         assert row["seconds_off"] > 0 and row["seconds_on"] > 0 and row["speedup"] > 0 and row["rounds"] == 1
-    assert all("forward" not in module.__dict__ for module in unet.modules())  # merging is off again after timing
+    assert all("forward" not in module.__dict__ for module in unet.modules()  # merging is off again after timing
+               if not isinstance(module, torch.nn.Conv2d))  # (convolutions keep their packed weights: sdkit.packing)
     text = bench.format_fast({"size": 64, "full": "a", "fast": "b", "seconds": {"full": 2.0, "fast": 1.0},
                               "speedup": 2.0, "token_merging": rows,
                               "quality": {"model": "m", "images": 1, "accuracy": {"full": 1, "fast": 1},

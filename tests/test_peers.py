@@ -43,8 +43,12 @@ def test_sdkit_engine_times_every_part_in_its_own_process(tiny_files):
     for row in rows.values():
         assert row["seconds"] > 0 and len(row["runs"]) == 2 and row["peak_rss_gib"] > 0
     assert result["engines"]["sdkit"]["load_s"] >= 0
+    kinds = result["breakdown"]["sdkit"]  # profiled after the timing
+    assert set(kinds) == {"convolution", "matmul", "attention", "other"}
+    assert kinds["convolution"]["seconds"] > 0 and sum(k["share"] for k in kinds.values()) == pytest.approx(1, abs=0.01)
+    assert all(k["gflops"] is None for k in kinds.values())  # FLOPs are counted only for the run's own SD1.5 file
     table = peers.format_table(result)
-    assert "sdkit" in table and "UNet step, CFG" in table
+    assert "sdkit" in table and "UNet step, CFG" in table and "by operator kind" in table
 
 
 def test_an_engine_that_fails_to_load_is_reported_not_raised(tmp_path):
@@ -62,6 +66,18 @@ def test_cfg_ratio_compares_sdkit_with_openvinos_fastest():
                         "openvino_bf16": {"unet_step_cfg": {"seconds": 3.6}}}}
     assert peers.cfg_ratio(result) == 1.1
     assert peers.cfg_ratio({"peers": {"sdkit": {"unet_step_cfg": {"seconds": 3.0}}}}) is None
+
+
+def test_cfg_rounds_pair_each_round_with_openvinos_faster_row():
+    result = {"peers": {"sdkit": {"unet_step_cfg": {"seconds": 3.0, "runs": [2.0, 3.0, 4.0]}},
+                        "openvino": {"unet_step_cfg": {"seconds": 3.3, "runs": [2.2, 3.3, 3.6]}},
+                        "openvino_bf16": {"unet_step_cfg": {"seconds": 3.6, "runs": [3.6, 3.6, 3.6]}}}}
+    pairs = peers.cfg_rounds(result)
+    assert pairs == {"against": "openvino", "ratios": [1.1, 1.1, 0.9], "median": 1.1, "sdkit_faster": 2, "rounds": 3}
+    result["peers"]["openvino"]["unet_step_cfg"]["runs"] = [2.2, 3.3]  # a failed round: no pairing
+    result["peers"]["openvino_bf16"]["unet_step_cfg"]["seconds"] = 9.0
+    assert peers.cfg_rounds(result) is None
+    assert peers.cfg_rounds({"peers": {"sdkit": {"unet_step_cfg": {"runs": [1.0]}}}}) is None
 
 
 def test_fp32_engines_run_only_when_named(tiny_files):
