@@ -293,23 +293,26 @@ def gflop_by_kind(case: Case) -> dict[str, float]:
 
 
 def profile_kinds(call: Callable[[], object]) -> dict[str, float]:
-    """Seconds of one call by operator kind (KINDS, and "other"), the operators' own time in PyTorch's profiler."""
+    """Seconds of one call by operator kind (KINDS, and "other"), the operators' own time in PyTorch's profiler, and
+    "between": the rest of the call's wall time (Python and dispatch between operators, and the profiler's own)."""
     from torch.profiler import ProfilerActivity, profile
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
         call()
+        wall = time.perf_counter() - start
     spent = dict.fromkeys((*KINDS, "other"), 0.0)
     for event in prof.key_averages():
         spent[_kind(event.key)] += event.self_cpu_time_total / 1e6
-    return spent
+    return spent | {"between": max(0.0, wall - sum(spent.values()))}
 
 
 def kind_table(spent: dict[str, float], gflop: dict[str, float]) -> dict:
     """Per kind: seconds, share of the call, GFLOP and GFLOP/s."""
     total = sum(spent.values())
     return {kind: {"seconds": round(spent[kind], 3), "share": round(spent[kind] / total, 3),
-                   "gflop": round(gflop[kind], 3),
-                   "gflops": round(gflop[kind] / spent[kind], 1) if spent[kind] and gflop[kind] else None}
+                   "gflop": round(gflop.get(kind, 0.0), 3),
+                   "gflops": round(gflop[kind] / spent[kind], 1) if spent[kind] and gflop.get(kind) else None}
             for kind in spent}
 
 

@@ -84,10 +84,11 @@ def test_peak_rss_is_per_measurement_not_since_start():
 
 def test_breakdown_accounts_for_all_time_and_all_flops():
     parts = bench.breakdown(TINY)
-    assert set(parts) == {"convolution", "matmul", "attention", "other"}
+    assert set(parts) == {"convolution", "matmul", "attention", "other", "between"}
     assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=0.01)
     assert sum(p["gflop"] for p in parts.values()) == pytest.approx(bench.count_gflop(TINY), rel=0.01)
     assert parts["convolution"]["gflop"] > 0 and parts["attention"]["gflop"] > 0 and parts["other"]["gflop"] == 0
+    assert parts["between"]["gflop"] == 0 and parts["between"]["gflops"] is None
 
 
 def test_timing_keeps_median_and_best():

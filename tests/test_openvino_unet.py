@@ -161,7 +161,7 @@ def test_a_profiled_call_splits_its_time_by_operator_kind(monkeypatch):
     made = openvino_unet.Engine(pipe.unet, dtype="float32", profile=True)
     sample, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
     spent = made.kinds(sample, torch.tensor([500.0]), context)
-    assert set(spent) == {"convolution", "matmul", "attention", "other"}
+    assert set(spent) == {"convolution", "matmul", "attention", "other", "between"}
     assert spent["convolution"] > 0 and spent["attention"] > 0 and spent["matmul"] > 0
     assert openvino_unet._kind("Subgraph", "x/attn1/Softmax_3,Multiply_2") == "attention"
     assert openvino_unet._kind("Subgraph", "norm1/GroupNormalization,silu/Swish") == "other"

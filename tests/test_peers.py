@@ -44,7 +44,7 @@ def test_sdkit_engine_times_every_part_in_its_own_process(tiny_files):
         assert row["seconds"] > 0 and len(row["runs"]) == 2 and row["peak_rss_gib"] > 0
     assert result["engines"]["sdkit"]["load_s"] >= 0
     kinds = result["breakdown"]["sdkit"]  # profiled after the timing
-    assert set(kinds) == {"convolution", "matmul", "attention", "other"}
+    assert set(kinds) == {"convolution", "matmul", "attention", "other", "between"}
     assert kinds["convolution"]["seconds"] > 0 and sum(k["share"] for k in kinds.values()) == pytest.approx(1, abs=0.01)
     assert all(k["gflops"] is None for k in kinds.values())  # FLOPs are counted only for the run's own SD1.5 file
     table = peers.format_table(result)

@@ -74,6 +74,7 @@ plots.bars(times, title=f"SD1.5 UNet, one CFG step at {SIZE}x{SIZE}", unit="s")
 # which kinds reach the peak and which do not. Convolutions and linear layers are multiplications. Attention
 # multiplies too, but it also takes an exponential of every score (the softmax), and AMX units cannot do
 # exponentials. "Other" is norms, activations and additions: no multiplications at all, only memory traffic.
+# "Between" is the rest of the step's time: Python and PyTorch's dispatch between one operator and the next.
 
 # %%
 parts = row["breakdown"]  # profiled during the timing above
