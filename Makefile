@@ -7,7 +7,7 @@ STAMP := $(VENV)/.sdkit-installed
 ARGS ?=
 # glibc's malloc settings that let each UNet step reuse the last one's memory (sdkit/allocator.py); read at start.
 # SDKIT_KEEP_MALLOC=1 keeps glibc's defaults.
-MALLOC_TUNABLES := $(if $(filter 1,$(SDKIT_KEEP_MALLOC)),,GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647)
+MALLOC_TUNABLES := $(if $(filter 1,$(SDKIT_KEEP_MALLOC)),,GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=2147483647)
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # PyTorch: the CPU build by default, torch with the torchvision made for it (spandrel, which

@@ -203,6 +203,12 @@ def _bench(args: argparse.Namespace) -> None:
                            progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else peers.format_table(result))
         return
+    if args.packing:
+        from sdkit.bench import format_packing, packing
+
+        result = packing(size=args.size, rounds=args.rounds or 6, progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else format_packing(result))
+        return
     if args.allocator:
         from sdkit.bench import allocator, format_allocator
 
@@ -330,11 +336,15 @@ def parser() -> argparse.ArgumentParser:
                    help="only fast mode: one SD1.5 image full and fast, and its quality cost on shapes-v1")
     s.add_argument("--allocator", action="store_true",
                    help="only the UNet step with glibc's malloc defaults vs sdkit's tunables, in new processes")
+    s.add_argument("--packing", action="store_true",
+                   help="only the UNet step with convolution weights packed once vs reordered every call, alternating")
     s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
     s.add_argument("--engines", help="with --peers: which engines, comma-separated (default: all installed but the "
                                      "fp32-forced sdkit_fp32 and openvino_f32)")
-    s.add_argument("--size", type=int, default=512, help="with --peers, --fast-mode or --allocator: image side in pixels")
-    s.add_argument("--rounds", type=int, help="with --peers (default 5), --fast-mode (1) or --allocator (3): interleaved rounds")
+    s.add_argument("--size", type=int, default=512, help="with --peers, --fast-mode, --allocator or --packing: image "
+                                                          "side in pixels")
+    s.add_argument("--rounds", type=int, help="with --peers (default 5), --fast-mode (1), --allocator (3) or "
+                                                "--packing (6): interleaved rounds")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench)
 

@@ -2,11 +2,12 @@
 
 PyTorch's CPU tensors come from malloc. By default glibc gives each big freed block back to the OS and maps a fresh
 one for the next tensor, so every step the kernel faults in and zeroes the same pages again; each thread (the panel's
-worker) also gets its own arena, whose heaps are too small for a UNet's tensors. One arena, no block of its own mapping,
-and freed space kept at the heap's top stop that. `python -m sdkit bench --allocator` measures it (the 2-core
-Xeon, one SD1.5 CFG step at 512² in a worker thread, medians of 6 steps in 3 processes each way in bf16, 4 in 2 in fp32): in bf16, 172,000
-page faults and 0.54 s of system time per step became 5,000 and 0.05 s, the step 5.95 -> 5.58 s; in fp32, 755,000
-faults and 2.14 s became 12,700 and 0.18 s, the step 11.98 -> 11.12 s; peak RSS 2.79 -> 2.78 and 4.59 -> 4.73 GiB.
+worker) also gets its own arena, whose heaps are too small for a UNet's tensors. One arena, blocks under 64 MiB
+from the heap (not mappings of their own), and freed space kept at the heap's top stop that. `python -m sdkit bench
+--allocator` measures it (the 2-core Xeon, one SD1.5 CFG step at 512² in a worker thread). On 2026-11-27, with no
+mappings at all: in bf16, 172,000 page faults and 0.54 s of system time per step became 5,000 and 0.05 s, the step
+5.95 -> 5.58 s; in fp32, 755,000 faults became 12,700, the step 11.98 -> 11.12 s. On 2026-11-28, with the 64 MiB
+threshold and packed convolutions (sdkit.packing): 61,800 faults became 4,600, 0.135 s of system time 0.017 s.
 
 Written by hand because no kept library sets malloc's behaviour: jemalloc or tcmalloc would need LD_PRELOAD, and glibc
 reads these tunables only at start (mallopt in a running process does not reach the arenas threads already have). So
@@ -22,7 +23,10 @@ import sys
 
 TUNABLES = {
     "glibc.malloc.arena_max": "1",  # every thread allocates from the one heap, where freed blocks wait for reuse
-    "glibc.malloc.mmap_max": "0",  # no big block gets its own mapping, given back to the OS when freed
+    # blocks under 64 MiB (every tensor of an SD1.5 step at 512², a 42 MiB GEGLU the largest) come from the heap;
+    # bigger ones (a VAE decode's at 1024²) keep their own mapping, given back when freed. No mapping at all
+    # (mmap_max=0) let the heap fragment: SDXL at 1024² peaked at 11.3-12.1 GiB instead of 9.7-9.9
+    "glibc.malloc.mmap_threshold": str(64 * 2**20),
     "glibc.malloc.trim_threshold": str(2**31 - 1),  # free space at the heap's top is kept between steps
 }
 OPT_OUT = "SDKIT_KEEP_MALLOC"  # set to 1: the CLI does not restart itself, glibc keeps its defaults
@@ -102,7 +106,8 @@ def describe() -> str:
     if not applies():
         return "this platform's malloc keeps its own defaults (the glibc settings sdkit uses apply on Linux)"
     if in_effect():
-        return ("freed blocks are reused between steps (glibc tunables set at start: one arena, no separate mappings); "
+        return ("freed blocks are reused between steps (glibc tunables set at start: one arena, blocks under 64 MiB "
+                "from the heap); "
                 "without them an SD1.5 step at 512² spent 0.5 s (bf16) to 2.1 s (fp32) in page faults")
     return (f"glibc's defaults: big tensors are mapped and page-faulted afresh each step (0.5 s of an SD1.5 bf16 "
             f"step at 512²); `python -m sdkit` and `make lab` start with GLIBC_TUNABLES={environment({})['GLIBC_TUNABLES']}")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdkit import device
+from sdkit.allocator import trim as trim_heap
 from sdkit.checkpoints import CONFIGS, from_shipped_config
 from sdkit.optimize import describe, prepare
 
@@ -385,6 +386,7 @@ def end_to_end(recipe: Run) -> dict:
                 eps = unet(**(unet_args | {"sample": x.to(unet_args["sample"]), "timestep": t})).sample.float()
                 eps = eps[:1] + 7.0 * (eps[1:] - eps[:1]) if recipe.cfg else eps
                 latents = scheduler.step(eps, t, latents).prev_sample
+            trim_heap()  # as vae.decode does before decoding
             return decoder(latents=latents.to(choices["vae"].device, choices["vae"].torch_dtype))
 
     elapsed = seconds(generate_once, repeats=1).median
@@ -760,6 +762,52 @@ def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = 
                         "peak_rss_gib_largest": max(r["peak_rss_gib"] for r in found), "dtype": found[0]["dtype"],
                         "layout": found[0]["layout"], "tunables_active": found[0]["tunables"]}
     return result
+
+
+def packing(*, size: int = 512, rounds: int = 6, model: str = "sd1", progress: bool = True) -> dict:
+    """One SD1.5 UNet CFG step (random weights, this machine's dtype and layout; model="level": its first level only)
+    with its convolutions on packed weights and on plain ones (sdkit.packing), alternating in one process: seconds
+    each round, the rounds' paired ratios (plain over packed) and the GiB the packed copies take."""
+    from tqdm.auto import tqdm
+
+    from sdkit import packing as packed, speed
+    from sdkit.optimize import memory_format
+
+    choice = device.choose(device.report())["unet"]
+    torch.manual_seed(0)
+    unet = from_shipped_config("sd1", "unet") if model == "sd1" else speed._level()
+    unet = prepare(unet, part="unet", choice=choice)
+    layout = memory_format(part="unet", choice=choice)
+    sample = torch.randn(2, 4, size // 8, size // 8, dtype=choice.torch_dtype).contiguous(memory_format=layout)
+    context, t = torch.randn(2, 77, 768, dtype=choice.torch_dtype), torch.tensor([500.0])
+    seconds: dict[str, list[float]] = {"plain": [], "packed": []}
+    switch = {"packed": packed.pack, "plain": lambda m: packed.unpack(m, free=False)}  # the copies kept between rounds
+    with torch.inference_mode(), tqdm(total=2 * rounds, desc="packing", disable=not progress) as bar:
+        for way in seconds:  # warm-up: both ways' kernels picked, the packed copies made
+            switch[way](unet)
+            unet(sample, t, context)
+        for _ in range(rounds):
+            for way in seconds:
+                switch[way](unet)
+                start = time.perf_counter()
+                unet(sample, t, context)
+                seconds[way].append(round(time.perf_counter() - start, 3))
+                bar.update()
+    ratios = [round(a / b, 3) for a, b in zip(seconds["plain"], seconds["packed"])]
+    return {"size": size, "rounds": rounds, "dtype": choice.dtype, "layout": choice.layout, "seconds": seconds,
+            "median_seconds": {way: round(statistics.median(s), 3) for way, s in seconds.items()},
+            "ratios_plain_over_packed": ratios, "median_ratio": round(statistics.median(ratios), 3),
+            "packed_faster_rounds": sum(r > 1 for r in ratios), "packed_gib": round(packed.packed_gib(unet), 2)}
+
+
+def format_packing(result: dict) -> str:
+    """The packing comparison in three lines."""
+    m = result["median_seconds"]
+    return (f"SD1.5 UNet CFG step at {result['size']}² ({result['dtype']}, {result['layout']}), {result['rounds']} "
+            f"alternating rounds:\nmedian {m['plain']:.2f} s with plain convolution weights, {m['packed']:.2f} s packed "
+            f"(+{result['packed_gib']:.2f} GiB)\nround by round, plain over packed: median {result['median_ratio']:.3f}x; "
+            f"packed faster in {result['packed_faster_rounds']} of {result['rounds']} "
+            f"({', '.join(f'{r:.2f}' for r in result['ratios_plain_over_packed'])})")
 
 
 def format_allocator(result: dict) -> str:

@@ -75,6 +75,15 @@ def pack(model: torch.nn.Module) -> int:
     return len(found)
 
 
+def unpack(model: torch.nn.Module, *, free: bool = True) -> None:
+    """Back to PyTorch's own convolution forward; the packed copies are freed (or kept for a later `pack`)."""
+    for conv in convolutions(model):
+        if getattr(conv.__dict__.get("forward"), "__func__", None) is _forward:
+            del conv.forward
+        if free:
+            _PACKED.pop(conv, None)
+
+
 def is_packed(model: torch.nn.Module) -> bool:
     """Whether `pack` was applied to this model."""
     return any(getattr(m.__dict__.get("forward"), "__func__", None) is _forward for m in convolutions(model))

@@ -184,3 +184,10 @@ def test_allocator_compares_glibc_defaults_with_the_tunables_in_new_processes():
     assert defaults["page_faults_per_step"] > 10 * tuned["page_faults_per_step"] + 20
     assert len(tuned["step_seconds"]) == 3 and tuned["peak_rss_gib_largest"] > 0 and tuned["layout"]
     assert "page faults" in bench.format_allocator(result)
+
+
+def test_packing_alternates_plain_and_packed_convolutions_in_one_process():
+    result = bench.packing(size=128, rounds=2, model="level", progress=False)
+    assert [len(s) for s in result["seconds"].values()] == [2, 2] and len(result["ratios_plain_over_packed"]) == 2
+    assert result["packed_gib"] > 0 and result["median_ratio"] > 0 and 0 <= result["packed_faster_rounds"] <= 2
+    assert "plain over packed" in bench.format_packing(result)

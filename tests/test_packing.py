@@ -37,6 +37,23 @@ def test_packed_convolutions_give_pytorchs_numbers_at_every_size(dtype):
     assert packed[0] in packing._PACKED  # the packed copy is held outside the module
 
 
+def test_unpack_puts_pytorchs_convolution_back_and_frees_the_copies():
+    model = block()
+    packing.pack(model)
+    with torch.inference_mode():
+        model(sample(1, 8, 8, 8))
+    held = packing._PACKED[model[0]][1]
+    packing.unpack(model, free=False)  # as `bench --packing` alternates: the copies kept
+    assert not packing.is_packed(model) and packing._PACKED[model[0]][1] is held
+    packing.pack(model)
+    with torch.inference_mode():
+        model(sample(1, 8, 8, 8))
+    assert packing._PACKED[model[0]][1] is held  # not packed again
+    packing.unpack(model)
+    assert not packing.is_packed(model) and all(m not in packing._PACKED for m in model)
+    assert all("forward" not in m.__dict__ for m in model)
+
+
 def test_a_weight_changed_in_place_is_packed_again():
     plain, packed = block(), block()
     packing.pack(packed)
