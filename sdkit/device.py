@@ -70,9 +70,7 @@ class DeviceReport:
                 layout = " in OpenVINO"
             lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
         if self.accelerator == "none":
-            from sdkit import allocator
-
-            from sdkit import packing
+            from sdkit import allocator, packing
 
             lines.append(f"memory       {allocator.describe()}")
             lines.append(f"convolution  {packing.describe()}")
