@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from sdkit import device
+from sdkit.allocator import trim as trim_heap
 from sdkit.checkpoints import CONFIGS, from_shipped_config
 from sdkit.optimize import describe, prepare
 
@@ -385,6 +386,7 @@ def end_to_end(recipe: Run) -> dict:
                 eps = unet(**(unet_args | {"sample": x.to(unet_args["sample"]), "timestep": t})).sample.float()
                 eps = eps[:1] + 7.0 * (eps[1:] - eps[:1]) if recipe.cfg else eps
                 latents = scheduler.step(eps, t, latents).prev_sample
+            trim_heap()  # as vae.decode does before decoding
             return decoder(latents=latents.to(choices["vae"].device, choices["vae"].torch_dtype))
 
     elapsed = seconds(generate_once, repeats=1).median

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from sdkit import formats
+from sdkit import allocator, formats
 from sdkit.errors import SdkitError
 from sdkit.paths import ModelPaths
 
@@ -344,6 +344,7 @@ def decode(pipe, latents: torch.Tensor, *, tiled: bool | None = None, notes: lis
     factor = getattr(pipe, "vae_scale_factor", 8)
     if tiled is None:
         tiled = latents.shape[-1] * latents.shape[-2] * factor * factor > TILED_ABOVE
+    allocator.trim()  # the UNet steps' freed memory goes back before the decoder's, a picture's largest, is made
     with torch.inference_mode():
         pixels = _run(vae, latents.to(vae.device, vae.dtype) / scale, tiled=tiled)
         if not torch.isfinite(pixels).all() and vae.dtype != torch.float32:
