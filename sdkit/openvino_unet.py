@@ -116,7 +116,7 @@ class Engine:
         self.model = model if model is not None else convert(unet)  # `model`: an earlier conversion of this UNet
         self.convert_seconds = time.perf_counter() - started
         self.config = {"INFERENCE_PRECISION_HINT": PRECISION.get(dtype, "f32"), "PERFORMANCE_HINT": "LATENCY",
-                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads()} | ({"PERF_COUNT": True} if profile else {})
+                       "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(), "PERF_COUNT": profile}
         self.core, self.ov = ov.Core(), ov
         self.compiled: dict[tuple, object] = {}  # by (sample shape, context shape), the last used last
 
@@ -144,7 +144,6 @@ class Engine:
                   context.float().contiguous().numpy()]
         out = compiled(inputs)[0]
         return torch.from_numpy(out.copy()).to(dtype=sample.dtype)
-
 
     def kinds(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> dict[str, float]:
         """Seconds of one call by operator kind (made with profile=True), see `kinds`."""
