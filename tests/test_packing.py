@@ -37,6 +37,17 @@ def test_packed_convolutions_give_pytorchs_numbers_at_every_size(dtype):
     assert packed[0] in packing._PACKED  # the packed copy is held outside the module
 
 
+def test_no_bias_grouped_and_contiguous_inputs_are_the_same_too():
+    torch.manual_seed(1)
+    plain = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1, bias=False), torch.nn.Conv2d(8, 8, 3, padding=1, groups=2))
+    plain = plain.bfloat16().eval().requires_grad_(False)
+    packed = copy.deepcopy(plain)
+    packing.pack(packed)
+    x = torch.randn(1, 4, 9, 9, dtype=torch.bfloat16)  # contiguous (NCHW), not channels-last
+    with torch.inference_mode():
+        assert torch.equal(packed(x), plain(x))
+
+
 def test_unpack_puts_pytorchs_convolution_back_and_frees_the_copies():
     model = block()
     packing.pack(model)
