@@ -90,11 +90,13 @@ def is_packed(model: torch.nn.Module) -> bool:
 
 
 def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients, a
-    weight made under inference_mode, whose in-place changes nothing could notice)."""
+    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients to
+    the weight or through it to the input, a weight made under inference_mode, whose in-place changes nothing could
+    notice)."""
     weight = conv.weight
     if (x.device.type != "cpu" or x.dtype != weight.dtype or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and weight.requires_grad) or weight.is_inference()):  # (no version counter)
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))  # no backward through it
+            or weight.is_inference()):  # (no version counter)
         return torch.nn.Conv2d.forward(conv, x)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     key = (weight._version, weight.data_ptr(), weight.dtype)

@@ -98,6 +98,14 @@ def test_training_runs_the_plain_convolution():
     assert model[0].weight.grad is not None and model[0] not in packing._PACKED
 
 
+def test_gradients_reach_the_input_through_a_frozen_packed_model():
+    model = block(torch.float32)  # frozen, as the UNet is while an embedding trains
+    packing.pack(model)
+    x = sample(1, 8, 8, 8, dtype=torch.float32).requires_grad_(True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_it_is_wanted_only_on_a_cpu_with_the_memory_to_spare(monkeypatch):
     model = block()
     assert packing.wanted(model, device="cpu")[0]
