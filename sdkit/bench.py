@@ -702,18 +702,26 @@ def upscale_memory(*, sizes: tuple[int, ...] = (1024,), shape: tuple[int, int] =
             for size in sizes for how in ("tiled", "whole")}
 
 
+def sd15_step(*, size: int, model: str = "sd1") -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """SD1.5's UNet on this machine's path (random weights; model="level": its first level only, a quick stand-in
+    for tests) and the (sample, timestep, context) of one CFG step at `size`."""
+    from sdkit import speed
+    from sdkit.optimize import memory_format
+
+    choice = device.choose(device.report())["unet"]
+    torch.manual_seed(0)
+    unet = prepare(from_shipped_config("sd1", "unet") if model == "sd1" else speed._level(), part="unet", choice=choice)
+    layout = memory_format(part="unet", choice=choice)
+    sample = torch.randn(2, 4, size // 8, size // 8, dtype=choice.torch_dtype).contiguous(memory_format=layout)
+    return unet, (sample, torch.tensor([500.0]), torch.randn(2, 77, 768, dtype=choice.torch_dtype))
+
+
 _STEP = """
 import json, resource, statistics, sys, threading, time, torch
-from sdkit import allocator, bench, device, optimize, speed
-from sdkit.checkpoints import from_shipped_config
+from sdkit import allocator, bench, device
 size, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 choice = device.choose(device.report())["unet"]
-torch.manual_seed(0)
-unet = from_shipped_config("sd1", "unet") if model == "sd1" else speed._level()  # the level: a quick stand-in (tests)
-unet = optimize.prepare(unet.to(choice.torch_dtype).eval(), part="unet", choice=choice)
-layout = optimize.memory_format(part="unet", choice=choice)
-sample = torch.randn(2, 4, size // 8, size // 8, dtype=choice.torch_dtype).contiguous(memory_format=layout)
-context, t = torch.randn(2, 77, 768, dtype=choice.torch_dtype), torch.tensor([500.0])
+unet, (sample, t, context) = bench.sd15_step(size=size, model=model)
 rows = []
 def run():  # in a worker thread, as the panel runs a picture
     with torch.inference_mode():
@@ -770,16 +778,10 @@ def packing(*, size: int = 512, rounds: int = 6, model: str = "sd1", progress: b
     each round, the rounds' paired ratios (plain over packed) and the GiB the packed copies take."""
     from tqdm.auto import tqdm
 
-    from sdkit import packing as packed, speed
-    from sdkit.optimize import memory_format
+    from sdkit import packing as packed
 
     choice = device.choose(device.report())["unet"]
-    torch.manual_seed(0)
-    unet = from_shipped_config("sd1", "unet") if model == "sd1" else speed._level()
-    unet = prepare(unet, part="unet", choice=choice)
-    layout = memory_format(part="unet", choice=choice)
-    sample = torch.randn(2, 4, size // 8, size // 8, dtype=choice.torch_dtype).contiguous(memory_format=layout)
-    context, t = torch.randn(2, 77, 768, dtype=choice.torch_dtype), torch.tensor([500.0])
+    unet, (sample, t, context) = sd15_step(size=size, model=model)
     seconds: dict[str, list[float]] = {"plain": [], "packed": []}
     switch = {"packed": packed.pack, "plain": lambda m: packed.unpack(m, free=False)}  # the copies kept between rounds
     with torch.inference_mode(), tqdm(total=2 * rounds, desc="packing", disable=not progress) as bar:

@@ -157,6 +157,8 @@ def kinds(compiled, inputs: list) -> dict[str, float]:
     UNet in: convolution, matmul (OpenVINO's FullyConnected), attention (the nodes its fused attention came from:
     softmax, scaled dot-product) and other; "between" is the rest of the call's wall time. The second of two calls,
     the first having allocated."""
+    from sdkit.bench import KINDS
+
     request = compiled.create_infer_request()
     request.infer(inputs)
     start = time.perf_counter()
@@ -164,7 +166,7 @@ def kinds(compiled, inputs: list) -> dict[str, float]:
     wall = time.perf_counter() - start
     fused = {op.get_friendly_name(): op.get_rt_info()["originalLayersNames"].astype(str)
              for op in compiled.get_runtime_model().get_ordered_ops() if "originalLayersNames" in op.get_rt_info()}
-    spent = dict.fromkeys(("convolution", "matmul", "attention", "other"), 0.0)
+    spent = dict.fromkeys((*KINDS, "other"), 0.0)
     for node in request.get_profiling_info():
         spent[_kind(node.node_type, fused.get(node.node_name, ""))] += node.real_time.total_seconds()
     return spent | {"between": max(0.0, wall - sum(spent.values()))}

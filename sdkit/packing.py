@@ -78,7 +78,7 @@ def pack(model: torch.nn.Module) -> int:
 def unpack(model: torch.nn.Module, *, free: bool = True) -> None:
     """Back to PyTorch's own convolution forward; the packed copies are freed (or kept for a later `pack`)."""
     for conv in convolutions(model):
-        if getattr(conv.__dict__.get("forward"), "__func__", None) is _forward:
+        if _runs_packed(conv):
             del conv.forward
         if free:
             _PACKED.pop(conv, None)
@@ -86,7 +86,12 @@ def unpack(model: torch.nn.Module, *, free: bool = True) -> None:
 
 def is_packed(model: torch.nn.Module) -> bool:
     """Whether `pack` was applied to this model."""
-    return any(getattr(m.__dict__.get("forward"), "__func__", None) is _forward for m in convolutions(model))
+    return any(_runs_packed(m) for m in convolutions(model))
+
+
+def _runs_packed(conv: torch.nn.Conv2d) -> bool:
+    """Whether this convolution's forward is `pack`'s."""
+    return getattr(conv.__dict__.get("forward"), "__func__", None) is _forward
 
 
 def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
