@@ -31,6 +31,13 @@ def test_learner_uses_the_panel(page: Page, shots: Path, lab):
         learner_session(page, shots)
 
 
+def run_number(said: str) -> int:
+    """The run a "Done (run N) in …" status line reports."""
+    match = re.search(r"Done \(run (\d+)\)", said)
+    assert match, f"the status should report a finished run, not {said!r}"
+    return int(match.group(1))
+
+
 def learner_session(page: Page, shots: Path) -> None:
     # 1. Open notebook 01 and run every cell, from the menu.
     run_until_panel(page, shots, seconds=RUN_ALL_S, opened="01-opened.png", retry_shot="01b-nothing-ran.png")
@@ -69,11 +76,11 @@ def learner_session(page: Page, shots: Path) -> None:
 
     # 4. Auto-run off, Generate by hand: a new picture and the progress bar full.
     page.locator(".sdkit-auto-run input").uncheck()
-    before, said = gallery_count(page), status(page)
+    expect(page.locator(".sdkit-status")).to_contain_text("Done (run")
+    before, runs = gallery_count(page), run_number(status(page))
     page.locator(".sdkit-generate").click()
     wait_gallery(page, before + 1)
-    expect(page.locator(".sdkit-status")).to_contain_text("Done")
-    assert status(page) != said, "the status should be this run's"
+    expect(page.locator(".sdkit-status")).to_contain_text(f"Done (run {runs + 1})")
     bar = page.locator(".sdkit-progress .progress-bar")
     assert "100%" in (bar.get_attribute("style") or ""), bar.get_attribute("style")
     done, total = page.locator(".sdkit-progress-text").inner_text().split("/")

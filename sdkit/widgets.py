@@ -207,6 +207,7 @@ class Panel:
         self.gallery: list[Shot] = []
         self.last_error: str = ""  # the full traceback of the last unexpected error
         self.last_shown_at = 0.0  # perf_counter() when the last finished image was put on screen
+        self.runs_done = 0  # finished runs, numbered in the status so two runs with the same timing read apart
         self._given: tuple[str, object] | None = None  # (dropdown entry, pipeline) for a pipeline passed in
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -521,8 +522,9 @@ class Panel:
                 return
             self.status.value = self._message("Running …", "info")
             notes = self._make(pipe, job)
+            self.runs_done += 1
             self.status.value = self._message(
-                f"Done in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
+                f"Done (run {self.runs_done}) in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
                 f"change)." + "".join(f" Note: {note.rstrip('.')}." for note in notes), "info")
         except Cancelled:
             self.progress.bar_style = "warning"

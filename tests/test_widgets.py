@@ -73,7 +73,7 @@ def test_model_dropdown_lists_sdkit_models_root(tmp_path, tiny_files, monkeypatc
 
 def test_generate_fills_gallery_progress_and_image(panel, shapes):
     panel.generate(wait=True)
-    assert "Done" in panel.status.value, panel.status.value
+    assert "Done (run 1)" in panel.status.value, panel.status.value
     assert panel.progress.value == panel.progress.max == 4 and panel.progress.bar_style == "success"
     assert len(panel.gallery) == 1 and bytes(panel.image.value).startswith(b"\x89PNG")
     shot = panel.gallery[0]
@@ -135,6 +135,13 @@ def test_newest_request_wins(panel):
     panel.show(FAST.replace(seed=11))
     panel.generate(wait=True)
     assert [shot.settings.seed for shot in panel.gallery] == [11]
+
+
+def test_status_numbers_runs_so_identical_runs_read_apart(panel):
+    panel.generate(wait=True)
+    first = panel.status.value
+    panel.generate(wait=True)
+    assert "Done (run 1)" in first and "Done (run 2)" in panel.status.value, (first, panel.status.value)
 
 
 def test_bad_settings_show_one_line_and_panel_keeps_working(panel):
