@@ -337,7 +337,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--allocator", action="store_true",
                    help="only the UNet step with glibc's malloc defaults vs sdkit's tunables, in new processes")
     s.add_argument("--packing", action="store_true",
-                   help="only the UNet step with convolution weights packed once vs reordered every call, alternating")
+                   help="only the UNet step plain, with convolution weights packed once (not reordered every "
+                        "call), and packed with fused blocks, in turn")
     s.add_argument("--checkpoint", help="with --peers: an SD1.5 file to use (default: a random real-size one)")
     s.add_argument("--engines", help="with --peers: which engines, comma-separated (default: all installed but the "
                                      "fp32-forced sdkit_fp32 and openvino_f32)")

@@ -252,7 +252,7 @@ def bench_case(case: Case, *, peaks: dict[str, float], repeats: int, profile: bo
 
 
 # What each profiled operator is, for `breakdown`. Everything else (norms, activations, adds, copies) is "other".
-KINDS = {"convolution": ("convolution",), "matmul": ("addmm", "aten::mm", "aten::linear"),
+KINDS = {"convolution": ("convolution",), "matmul": ("addmm", "aten::mm", "aten::linear", "_linear_pointwise"),
          "attention": ("scaled_dot_product", "attention", "aten::bmm", "softmax")}
 
 
@@ -774,42 +774,52 @@ def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = 
 
 def packing(*, size: int = 512, rounds: int = 6, model: str = "sd1", progress: bool = True) -> dict:
     """One SD1.5 UNet CFG step (random weights, this machine's dtype and layout; model="level": its first level only)
-    with its convolutions on packed weights and on plain ones (sdkit.packing), alternating in one process: seconds
-    each round, the rounds' paired ratios (plain over packed) and the GiB the packed copies take."""
+    three ways, in turn in one process (in reverse order every other round): plain, with its convolutions on packed
+    weights (sdkit.packing), and packed with fused blocks (sdkit.fusion). Seconds each round, the rounds' paired ratios (plain over packed, packed over
+    fused) and the GiB the packed copies take."""
     from tqdm.auto import tqdm
 
+    from sdkit import fusion
     from sdkit import packing as packed
 
     choice = device.choose(device.report())["unet"]
     unet, (sample, t, context) = sd15_step(size=size, model=model)
-    seconds: dict[str, list[float]] = {"plain": [], "packed": []}
-    switch = {"packed": packed.pack, "plain": lambda m: packed.unpack(m, free=False)}  # the copies kept between rounds
-    with torch.inference_mode(), tqdm(total=2 * rounds, desc="packing", disable=not progress) as bar:
-        for way in seconds:  # warm-up: both ways' kernels picked, the packed copies made
+    fusion.unfuse(unet)
+    seconds: dict[str, list[float]] = {"plain": [], "packed": [], "fused": []}
+    switch = {"plain": lambda m: (fusion.unfuse(m), packed.unpack(m, free=False)),  # the copies kept between rounds
+              "packed": lambda m: (fusion.unfuse(m), packed.pack(m)),
+              "fused": lambda m: (packed.pack(m), fusion.fuse(m))}
+    with torch.inference_mode(), tqdm(total=len(seconds) * rounds, desc="packing", disable=not progress) as bar:
+        for way in seconds:  # warm-up: every way's kernels picked, the packed copies made
             switch[way](unet)
             unet(sample, t, context)
-        for _ in range(rounds):
-            for way in seconds:
+        for round_ in range(rounds):
+            for way in list(seconds)[::1 if round_ % 2 == 0 else -1]:  # in reverse every other round: no way always first
                 switch[way](unet)
                 start = time.perf_counter()
                 unet(sample, t, context)
                 seconds[way].append(round(time.perf_counter() - start, 3))
                 bar.update()
-    ratios = [round(a / b, 3) for a, b in zip(seconds["plain"], seconds["packed"])]
+    ratios = {f"{a}_over_{b}": [round(x / y, 3) for x, y in zip(seconds[a], seconds[b])]
+              for a, b in (("plain", "packed"), ("packed", "fused"))}
     return {"size": size, "rounds": rounds, "dtype": choice.dtype, "layout": choice.layout, "seconds": seconds,
             "median_seconds": {way: round(statistics.median(s), 3) for way, s in seconds.items()},
-            "ratios_plain_over_packed": ratios, "median_ratio": round(statistics.median(ratios), 3),
-            "packed_faster_rounds": sum(r > 1 for r in ratios), "packed_gib": round(packed.packed_gib(unet), 2)}
+            "ratios": ratios, "median_ratios": {k: round(statistics.median(r), 3) for k, r in ratios.items()},
+            "faster_rounds": {k: sum(x > 1 for x in r) for k, r in ratios.items()},
+            "packed_gib": round(packed.packed_gib(unet), 2)}
 
 
 def format_packing(result: dict) -> str:
-    """The packing comparison in three lines."""
+    """The three ways' medians, and each step's round-by-round ratio."""
     m = result["median_seconds"]
-    return (f"SD1.5 UNet CFG step at {result['size']}² ({result['dtype']}, {result['layout']}), {result['rounds']} "
-            f"alternating rounds:\nmedian {m['plain']:.2f} s with plain convolution weights, {m['packed']:.2f} s packed "
-            f"(+{result['packed_gib']:.2f} GiB)\nround by round, plain over packed: median {result['median_ratio']:.3f}x; "
-            f"packed faster in {result['packed_faster_rounds']} of {result['rounds']} "
-            f"({', '.join(f'{r:.2f}' for r in result['ratios_plain_over_packed'])})")
+    lines = [f"SD1.5 UNet CFG step at {result['size']}² ({result['dtype']}, {result['layout']}), {result['rounds']} rounds "
+             f"in turn:", f"median {m['plain']:.2f} s plain, {m['packed']:.2f} s with packed convolution weights "
+             f"(+{result['packed_gib']:.2f} GiB), {m['fused']:.2f} s packed and fused"]
+    for name, ratios in result["ratios"].items():
+        a, b = name.split("_over_")
+        lines.append(f"round by round, {a} over {b}: median {result['median_ratios'][name]:.3f}x; {b} faster in "
+                     f"{result['faster_rounds'][name]} of {result['rounds']} ({', '.join(f'{r:.2f}' for r in ratios)})")
+    return "\n".join(lines)
 
 
 def format_allocator(result: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ from sdkit.paths import ModelPaths
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 TOKENIZERS = CONFIGS / "tokenizers"
+OPT_OUTS = ("SDKIT_PACK", "SDKIT_FUSE")  # variables that change how a loaded UNet runs: part of the cache key
 _cache: OrderedDict[tuple, object] = OrderedDict()
 
 # Where each family keeps its text encoders in the original layout, and in which naming.
@@ -393,7 +395,7 @@ def load(name_or_path: str | Path, *, root: str | Path | None = None, family: st
     path = ModelPaths.from_root(root).find("checkpoints", name_or_path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, family, prediction,
-           str(device.choose(device.report())))
+           str(device.choose(device.report())), *(os.environ.get(name) for name in OPT_OUTS))
     if key in _cache:
         _cache.move_to_end(key)
         return _cache[key]

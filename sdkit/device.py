@@ -70,10 +70,11 @@ class DeviceReport:
                 layout = " in OpenVINO"
             lines.append(f"{name:<12} {choice.device} {choice.dtype}{layout}: {choice.reason}")
         if self.accelerator == "none":
-            from sdkit import allocator, packing
+            from sdkit import allocator, fusion, packing
 
             lines.append(f"memory       {allocator.describe()}")
             lines.append(f"convolution  {packing.describe()}")
+            lines.append(f"fusion       {fusion.describe()}")
         if self.accelerator == "none" and not any("measured here" in c.reason for c in self.choices.values()):
             lines.append("speed        guessed from the CPU's features, not measured yet: `python -m sdkit device "
                          "--measure` times each precision and layout (and OpenVINO, where installed) here (about a minute) "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sdkit import packing
+from sdkit import fusion, packing
 from sdkit.device import Choice
 
 CONV_PARTS = ("unet", "vae")  # convolution-heavy parts, which oneDNN runs faster in channels-last
@@ -37,6 +37,8 @@ def prepare(model: torch.nn.Module, *, part: str, choice: Choice) -> torch.nn.Mo
     model = model.eval().requires_grad_(False)
     if part == "unet" and packing.wanted(model, device=choice.device)[0]:  # UNets and ControlNets: deep convolutions
         packing.pack(model)
+    if part == "unet" and fusion.wanted(device=choice.device):
+        fusion.fuse(model)
     return model
 
 
@@ -45,4 +47,6 @@ def describe(*, part: str, choice: Choice) -> str:
     layout = ", channels-last (oneDNN's fast layout for convolutions)" if _channels_last(part, choice) else ""
     if part == "unet" and choice.device == "cpu" and packing.available():
         layout += ", convolution weights packed once (where memory allows)"
+    if part == "unet" and fusion.wanted(device=choice.device):
+        layout += ", biases, residual adds and GEGLU fused into oneDNN calls"
     return f"{choice.device} {choice.dtype}{layout}, PyTorch scaled-dot-product attention: {choice.reason}"

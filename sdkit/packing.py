@@ -94,20 +94,63 @@ def _runs_packed(conv: torch.nn.Conv2d) -> bool:
     return getattr(conv.__dict__.get("forward"), "__func__", None) is _forward
 
 
-def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """The convolution on its packed weight; the plain one where packing cannot apply (a trace, a GPU, gradients to
-    the weight or through it to the input, a weight made under inference_mode, whose in-place changes nothing could
-    notice)."""
+def eager(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether a call on (x, weight) can run oneDNN's fused CPU operators, which have no backward and no trace: an
+    eager CPU call in the weight's dtype, no gradient to the weight or through it to the input, not under a trace or
+    `torch.compile`, and a weight not made under inference_mode (which has no version counter to notice changes)."""
+    return not (x.device.type != "cpu" or x.dtype != weight.dtype or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or weight.is_inference()
+                or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))
+
+
+def convolve(conv: torch.nn.Conv2d, x: torch.Tensor, *, extra_bias: torch.Tensor | None = None,
+             add: torch.Tensor | None = None) -> torch.Tensor:
+    """conv(x) + extra_bias (one value per output channel) + add, as one oneDNN call on the packed weight where it
+    can run (the bias and the add fused into the convolution's output), else as PyTorch's convolution and adds."""
+    weight = _packed_weight(conv, x)
+    if weight is None or (add is not None and not _same_layout(x, add)):
+        y = conv(x) if weight is None else _run(conv, x, weight, conv.bias)
+        y = y if extra_bias is None else y + extra_bias[:, None, None]
+        return y if add is None else y + add
+    bias = conv.bias if extra_bias is None else extra_bias if conv.bias is None else conv.bias + extra_bias
+    if add is None:
+        return _run(conv, x, weight, bias)
+    return torch.ops.mkldnn._convolution_pointwise.binary(x, add, weight, bias, *_args(conv), "add", None, None, [],
+                                                          None)
+
+
+def _same_layout(x: torch.Tensor, other: torch.Tensor) -> bool:
+    """Whether both are channels-last (the layout a fused add reads `other` in), or both plain NCHW."""
+    return all(t.is_contiguous(memory_format=torch.channels_last) for t in (x, other)) or \
+        all(t.is_contiguous() for t in (x, other))
+
+
+def _args(conv: torch.nn.Conv2d) -> tuple:
+    """The convolution's padding, stride, dilation and groups, as the mkldnn operators take them."""
+    return list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
+
+
+def _run(conv: torch.nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The convolution on a packed weight."""
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *_args(conv), "none", [], "")
+
+
+def _packed_weight(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """The packed copy of the convolution's weight for this call, packed now if the weight changed; None where the
+    plain convolution must run (not packed, or not an eager CPU inference call)."""
     weight = conv.weight
-    if (x.device.type != "cpu" or x.dtype != weight.dtype or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))  # no backward through it
-            or weight.is_inference()):  # (no version counter)
-        return torch.nn.Conv2d.forward(conv, x)
-    args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    if not _runs_packed(conv) or not eager(x, weight):
+        return None
     key = (weight._version, weight.data_ptr(), weight.dtype)
     held = _PACKED.get(conv)
     if held is None or held[0] != key:  # new weights (a LoRA merged, a cast): pack again
         _PACKED.pop(conv, None)  # the old copy goes before the new one is made
         # packed for this call's sizes; other sizes give the same numbers (oneDNN adapts it), checked in the tests
-        held = _PACKED[conv] = (key, torch.ops.mkldnn._reorder_convolution_weight(weight, *args, list(x.shape)))
-    return torch.ops.mkldnn._convolution_pointwise(x, held[1], conv.bias, *args, "none", [], "")
+        held = _PACKED[conv] = (key, torch.ops.mkldnn._reorder_convolution_weight(weight, *_args(conv), list(x.shape)))
+    return held[1]
+
+
+def _forward(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """The convolution on its packed weight; the plain one where packing cannot apply (see `eager`)."""
+    weight = _packed_weight(conv, x)
+    return torch.nn.Conv2d.forward(conv, x) if weight is None else _run(conv, x, weight, conv.bias)

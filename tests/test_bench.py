@@ -164,12 +164,12 @@ def test_token_merging_steps_time_both_ways_at_each_size():
     from sdkit import checkpoints
 
     unet = checkpoints.load("shapes-v1").unet
+    before = {name: module.__dict__.get("forward") for name, module in unet.named_modules()}  # packing's and fusion's
     rows = bench.token_merging_steps(unet, sizes=(64, 128), ratio=0.5, rounds=1)
     assert [row["size"] for row in rows] == [64, 128]
     for row in rows:
         assert row["seconds_off"] > 0 and row["seconds_on"] > 0 and row["speedup"] > 0 and row["rounds"] == 1
-    assert all("forward" not in module.__dict__ for module in unet.modules()  # merging is off again after timing
-               if not isinstance(module, torch.nn.Conv2d))  # (convolutions keep their packed weights: sdkit.packing)
+    assert {name: module.__dict__.get("forward") for name, module in unet.named_modules()} == before  # merging is off
     text = bench.format_fast({"size": 64, "full": "a", "fast": "b", "seconds": {"full": 2.0, "fast": 1.0},
                               "speedup": 2.0, "token_merging": rows,
                               "quality": {"model": "m", "images": 1, "accuracy": {"full": 1, "fast": 1},
@@ -186,8 +186,11 @@ def test_allocator_compares_glibc_defaults_with_the_tunables_in_new_processes():
     assert "page faults" in bench.format_allocator(result)
 
 
-def test_packing_alternates_plain_and_packed_convolutions_in_one_process():
+def test_packing_times_plain_packed_and_fused_in_turn_in_one_process():
     result = bench.packing(size=128, rounds=2, model="level", progress=False)
-    assert [len(s) for s in result["seconds"].values()] == [2, 2] and len(result["ratios_plain_over_packed"]) == 2
-    assert result["packed_gib"] > 0 and result["median_ratio"] > 0 and 0 <= result["packed_faster_rounds"] <= 2
-    assert "plain over packed" in bench.format_packing(result)
+    assert [len(s) for s in result["seconds"].values()] == [2, 2, 2] and list(result["seconds"]) == ["plain", "packed", "fused"]
+    assert all(len(r) == 2 and result["median_ratios"][k] > 0 and 0 <= result["faster_rounds"][k] <= 2
+               for k, r in result["ratios"].items()) and set(result["ratios"]) == {"plain_over_packed", "packed_over_fused"}
+    assert result["packed_gib"] > 0
+    text = bench.format_packing(result)
+    assert "plain over packed" in text and "packed over fused" in text

@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from sdkit import checkpoints, controlnet, convert
+from sdkit import checkpoints, controlnet, convert, device
 from sdkit.errors import SdkitError
 from sdkit.generate import GenerationSettings, generate
 from sdkit.metadata import format_parameters, parse_parameters
+from sdkit.optimize import prepare
 from sdkit.testing import write_controlnet, write_lora
 
 RUN = GenerationSettings(prompt="a red circle on a white background", seed=3, steps=6, width=64, height=64)
@@ -46,8 +47,9 @@ def test_original_layout_gives_the_same_image_as_diffusers_controlnetmodel(shape
     ours = generate(shapes, settings, progress=False)[0]
     loaded = controlnet.load(settings.controlnets[0].model, pipe=shapes)
     assert loaded.layout == "original" and loaded.family == "shapes"
-    reference = files["reference"].to(dtype=shapes.unet.dtype, memory_format=torch.channels_last)
-    loaded.model, kept = reference, loaded.model  # the same run with diffusers' own model of the same weights
+    # the same run with diffusers' own model of the same weights, prepared as sdkit prepares its own (packed, fused)
+    reference = prepare(files["reference"], part="unet", choice=device.choose(device.report())["unet"])
+    loaded.model, kept = reference.to(dtype=shapes.unet.dtype), loaded.model
     try:
         theirs = generate(shapes, settings, progress=False)[0]
     finally:
