@@ -9,9 +9,9 @@ copies) took 0.44 s where OpenVINO's took 0.32 s, and the profile by shape showe
 - ResnetBlock2D: the time embedding is added to conv1's output, the shortcut to conv2's, and the sum is divided by
   an output_scale_factor of 1.0: three passes over the feature map. Here the embedding (the same for every image
   of a batch) joins conv1's bias and the shortcut is added inside conv2 (`packing.convolve`); no division by 1.
-- Transformer2DModel with 1x1-convolution projections (SD1.5): the attention's channels-last output is copied to
-  NCHW (`.contiguous()`), which the convolution copies back to channels-last, then the residual is added. Here
-  proj_out reads the channels-last view and adds the residual inside the convolution.
+- Transformer2DModel: the attention's channels-last output is copied to NCHW (`.contiguous()`), which SD1.5's 1x1
+  convolution copies back to channels-last, then the residual is added. Here proj_out (convolution or linear) reads
+  channels-last views and adds the residual inside its own call.
 
 Each stand-in does what diffusers' forward does, in the same order; where its fused path cannot run (another
 block configuration, a trace, gradients, a GPU, see `packing.eager`) it calls diffusers' own forward. Results
@@ -111,12 +111,21 @@ def _resnet(block, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args,
 
 def _transformer_output(block, hidden_states: torch.Tensor, residual: torch.Tensor, batch_size: int, height: int,
                         width: int, inner_dim: int) -> torch.Tensor:
-    """Transformer2DModel's output: proj_out on the channels-last view of the tokens, the residual added inside."""
-    if block.use_linear_projection or _diffusers_own():
+    """Transformer2DModel's output: proj_out with the residual added inside it, on channels-last views of the tokens
+    (1x1 convolution, SD1.5) or of the residual (linear, SD2 and SDXL), so nothing is copied to NCHW and back."""
+    if _diffusers_own() or not residual.is_contiguous(memory_format=torch.channels_last):
         return type(block)._get_output_for_continuous_inputs(block, hidden_states, residual, batch_size, height,
                                                              width, inner_dim)
-    tokens = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)  # a view, no copy
-    return packing.convolve(block.proj_out, tokens, add=residual)
+    if not block.use_linear_projection:
+        tokens = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)  # a view, no copy
+        return packing.convolve(block.proj_out, tokens, add=residual)
+    proj = block.proj_out
+    rows = residual.permute(0, 2, 3, 1).reshape(batch_size, height * width, -1)  # a view of channels-last, no copy
+    if type(proj) is not torch.nn.Linear or not packing.eager(hidden_states, proj.weight):
+        out = proj(hidden_states) + rows
+    else:
+        out = torch.ops.mkldnn._linear_pointwise.binary(hidden_states, rows, proj.weight, proj.bias, "add")
+    return out.reshape(batch_size, height, width, -1).permute(0, 3, 1, 2)  # channels-last, as the residual
 
 
 # block class name -> (the attribute its stand-in replaces, the stand-in)

@@ -44,6 +44,20 @@ def test_fused_unet_gives_diffusers_numbers_in_fp32(timesteps):
     assert relative(got, want) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["sd1", "sd2"])  # 1x1-convolution and linear projections
+def test_in_inference_no_stand_in_falls_back_to_diffusers_own(family, monkeypatch):
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    model = unet(family, torch.bfloat16)
+    for cls, attribute in ((GEGLU, "forward"), (ResnetBlock2D, "forward"),
+                           (Transformer2DModel, "_get_output_for_continuous_inputs")):
+        monkeypatch.setattr(cls, attribute, lambda *a, **k: pytest.fail("a stand-in ran diffusers' own forward"))
+    with torch.inference_mode():
+        assert model(**inputs(family, torch.bfloat16)).sample.isfinite().all()
+
+
 def test_in_bf16_fused_is_no_further_from_fp32_than_unfused():
     reference = unet(fused=False)
     with torch.inference_mode():
@@ -52,7 +66,7 @@ def test_in_bf16_fused_is_no_further_from_fp32_than_unfused():
     assert relative(got[True], want) <= 1.1 * relative(got[False], want), (relative(got[True], want), relative(got[False], want))
 
 
-def test_linear_projection_blocks_sd2_keep_diffusers_output():
+def test_linear_projection_blocks_of_sd2_give_diffusers_numbers_too():
     fused, plain = unet("sd2"), unet("sd2", fused=False)
     with torch.inference_mode():
         assert relative(fused(**inputs("sd2")).sample, plain(**inputs("sd2")).sample) < 1e-5
