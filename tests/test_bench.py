@@ -181,7 +181,9 @@ def test_allocator_compares_glibc_defaults_with_the_tunables_in_new_processes():
     result = bench.allocator(size=256, rounds=1, steps=3, model="level", progress=False)
     defaults, tuned = result["glibc_defaults"], result["sdkit_tunables"]
     assert not defaults["tunables_active"] and tuned["tunables_active"]
-    assert defaults["page_faults_per_step"] > 10 * tuned["page_faults_per_step"] + 20
+    # measured at this size: 4,804-5,442 faults per step with the defaults, 0-643 with the tunables (a one-off block
+    # now and then, more often on a loaded machine), so "an order of magnitude" held only most of the time
+    assert defaults["page_faults_per_step"] > 5 * tuned["page_faults_per_step"] + 20
     assert len(tuned["step_seconds"]) == 3 and tuned["peak_rss_gib_largest"] > 0 and tuned["layout"]
     assert "page faults" in bench.format_allocator(result)
 
