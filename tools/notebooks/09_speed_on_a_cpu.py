@@ -75,6 +75,8 @@ plots.bars(times, title=f"SD1.5 UNet, one CFG step at {SIZE}x{SIZE}", unit="s")
 # multiplies too, but it also takes an exponential of every score (the softmax), and AMX units cannot do
 # exponentials. "Other" is norms, activations and additions: no multiplications at all, only memory traffic.
 # "Between" is the rest of the step's time: Python and PyTorch's dispatch between one operator and the next.
+# On a CPU sdkit runs some of "other" inside the multiplications, as they write their output: a bias, a residual
+# add, GEGLU's gelu and multiply (`sdkit.fusion`; `SDKIT_FUSE=0` before loading turns it off, to compare).
 
 # %%
 parts = row["breakdown"]  # profiled during the timing above
