@@ -147,14 +147,14 @@ plots.grid(pairs, labels=[f"{kind}: {p.split(' on ')[0][2:]}" for p in prompts f
 # `python -m sdkit bench --peers` puts sdkit beside the engines a CPU user would otherwise pick, on the same SD1.5
 # file: **OpenVINO** (the engine of FastSD CPU) and **stable-diffusion.cpp** (C++, GGUF quantization). They are
 # optional (`pip install '.[peers]'`), take minutes to convert or build, and the course does not need them; the
-# README shows their table from the project's machine. There, in bf16, sdkit and OpenVINO tied on the UNet step, and
-# stable-diffusion.cpp was about 25x slower. With both forced to fp32, as on a laptop CPU without bf16 units,
-# OpenVINO was ahead: 1.1-1.4x, most of it in the convolutions. So where OpenVINO is installed (the course installs
-# it), the measurement in notebook 00 also times the UNet converted to OpenVINO, and where that is clearly faster
-# sdkit runs the UNet there: the first picture converts it (about 25 s for SD1.5 on the project's machine), and
-# pictures it does not take (LoRAs, ControlNet, SDXL, DeepCache, token merging) run in PyTorch, with a note under the
-# picture. In one run there, sdkit with its UNet in OpenVINO took 3.78 s per CFG step, as OpenVINO did, and 4.89 s
-# with it in PyTorch; in another, an hour earlier, PyTorch and OpenVINO tied.
+# README shows their table from the project's machine. There, in bf16, with its convolution weights packed once and
+# its biases and adds fused (sections 4 and the README), sdkit's UNet step with CFG was 3% faster than OpenVINO's
+# (3.37 s vs 3.50 s, faster in 8 of 9 rounds) in half the memory, and stable-diffusion.cpp was over 15x slower. With
+# both forced to fp32, as on a laptop CPU without bf16 units, OpenVINO was ahead in an earlier run: 1.1-1.4x, most of
+# it in the convolutions. So where OpenVINO is installed (the course installs it), the measurement in notebook 00
+# also times the UNet converted to OpenVINO, and where that is clearly faster sdkit runs the UNet there: the first
+# picture converts it (about 25 s for SD1.5 on the project's machine), and pictures it does not take (LoRAs,
+# ControlNet, SDXL, DeepCache, token merging) run in PyTorch, with a note under the picture.
 
 # %% [markdown]
 # ## What to take away
