@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import types
+from collections.abc import Callable
 
 import torch
 
@@ -48,27 +49,32 @@ def describe() -> str:
 
 def fuse(model: torch.nn.Module) -> int:
     """Put the fused stand-ins on the model's GEGLU, ResnetBlock2D and Transformer2DModel blocks; how many."""
-    count = 0
+    found = 0
     for module in model.modules():
-        name = type(module).__name__
-        if name in _FORWARDS:
-            setattr(module, _FORWARDS[name][0], types.MethodType(_FORWARDS[name][1], module))  # deepcopy rebinds it
-            count += 1
-    return count
+        attribute, stand_in = _stand_ins().get(type(module), (None, None))
+        if attribute:
+            setattr(module, attribute, types.MethodType(stand_in, module))  # a bound method: deepcopy rebinds it
+            found += 1
+    return found
 
 
 def unfuse(model: torch.nn.Module) -> None:
     """Diffusers' own forwards back."""
     for module in model.modules():
-        attribute, stand_in = _FORWARDS.get(type(module).__name__, (None, None))
-        if attribute and getattr(module.__dict__.get(attribute), "__func__", None) is stand_in:
+        attribute = _fused(module)
+        if attribute:
             del module.__dict__[attribute]
 
 
 def is_fused(model: torch.nn.Module) -> bool:
     """Whether `fuse` was applied to this model."""
-    return any(getattr(module.__dict__.get(attribute), "__func__", None) is stand_in for module in model.modules()
-               for attribute, stand_in in [_FORWARDS.get(type(module).__name__, (None, None))] if attribute)
+    return any(_fused(module) for module in model.modules())
+
+
+def _fused(module: torch.nn.Module) -> str | None:
+    """The attribute a stand-in of `fuse` replaces on this module, if it does."""
+    attribute, stand_in = _stand_ins().get(type(module), (None, None))
+    return attribute if attribute and getattr(module.__dict__.get(attribute), "__func__", None) is stand_in else None
 
 
 def _diffusers_own() -> bool:
@@ -128,6 +134,12 @@ def _transformer_output(block, hidden_states: torch.Tensor, residual: torch.Tens
     return out.reshape(batch_size, height, width, -1).permute(0, 3, 1, 2)  # channels-last, as the residual
 
 
-# block class name -> (the attribute its stand-in replaces, the stand-in)
-_FORWARDS = {"GEGLU": ("forward", _geglu), "ResnetBlock2D": ("forward", _resnet),
-             "Transformer2DModel": ("_get_output_for_continuous_inputs", _transformer_output)}
+def _stand_ins() -> dict[type, tuple[str, Callable]]:
+    """diffusers block class -> (the attribute its stand-in replaces, the stand-in); exact classes, not subclasses,
+    whose forwards may differ."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    return {GEGLU: ("forward", _geglu), ResnetBlock2D: ("forward", _resnet),
+            Transformer2DModel: ("_get_output_for_continuous_inputs", _transformer_output)}
