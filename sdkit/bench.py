@@ -775,8 +775,8 @@ def allocator(*, size: int = 512, rounds: int = 3, steps: int = 2, model: str = 
 def packing(*, size: int = 512, rounds: int = 6, model: str = "sd1", progress: bool = True) -> dict:
     """One SD1.5 UNet CFG step (random weights, this machine's dtype and layout; model="level": its first level only)
     three ways, in turn in one process (in reverse order every other round): plain, with its convolutions on packed
-    weights (sdkit.packing), and packed with fused blocks (sdkit.fusion). Seconds each round, the rounds' paired ratios (plain over packed, packed over
-    fused) and the GiB the packed copies take."""
+    weights (sdkit.packing), and packed with fused blocks (sdkit.fusion). Seconds each round, the rounds' paired
+    ratios (plain over packed, packed over fused) and the GiB the packed copies take."""
     from tqdm.auto import tqdm
 
     from sdkit import fusion

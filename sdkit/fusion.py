@@ -23,6 +23,7 @@ LoRA weights out of reach. SDKIT_FUSE=0 turns it off.
 
 from __future__ import annotations
 
+import functools
 import os
 import types
 from collections.abc import Callable
@@ -134,6 +135,7 @@ def _transformer_output(block, hidden_states: torch.Tensor, residual: torch.Tens
     return out.reshape(batch_size, height, width, -1).permute(0, 3, 1, 2)  # channels-last, as the residual
 
 
+@functools.cache  # asked once per module by fuse, unfuse and is_fused
 def _stand_ins() -> dict[type, tuple[str, Callable]]:
     """diffusers block class -> (the attribute its stand-in replaces, the stand-in); exact classes, not subclasses,
     whose forwards may differ."""

@@ -524,8 +524,9 @@ class Panel:
             notes = self._make(pipe, job)
             self.runs_done += 1
             self.status.value = self._message(
-                f"Done (run {self.runs_done}) in {time.perf_counter() - started:.2f} s ({time.perf_counter() - job.requested:.2f} s since the "
-                f"change)." + "".join(f" Note: {note.rstrip('.')}." for note in notes), "info")
+                f"Done (run {self.runs_done}) in {time.perf_counter() - started:.2f} s "
+                f"({time.perf_counter() - job.requested:.2f} s since the change)."
+                + "".join(f" Note: {note.rstrip('.')}." for note in notes), "info")
         except Cancelled:
             self.progress.bar_style = "warning"
             if self._pending is None:  # a newer request replaced this run: its own status follows

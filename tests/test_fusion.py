@@ -46,13 +46,8 @@ def test_fused_unet_gives_diffusers_numbers_in_fp32(timesteps):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])  # 1x1-convolution and linear projections
 def test_in_inference_no_stand_in_falls_back_to_diffusers_own(family, monkeypatch):
-    from diffusers.models.activations import GEGLU
-    from diffusers.models.resnet import ResnetBlock2D
-    from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
     model = unet(family, torch.bfloat16)
-    for cls, attribute in ((GEGLU, "forward"), (ResnetBlock2D, "forward"),
-                           (Transformer2DModel, "_get_output_for_continuous_inputs")):
+    for cls, (attribute, _) in fusion._stand_ins().items():
         monkeypatch.setattr(cls, attribute, lambda *a, **k: pytest.fail("a stand-in ran diffusers' own forward"))
     with torch.inference_mode():
         assert model(**inputs(family, torch.bfloat16)).sample.isfinite().all()
